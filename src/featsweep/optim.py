@@ -1,0 +1,100 @@
+"""Per-image SGD and Adam: torch.optim's update rules, vectorized over a batch of images.
+
+Each image i in a (B, C, H, W) parameter carries its own optimizer kind, lr, momentum, Nesterov
+flag, betas, eps and weight decay, as (B,) tensors. The update for image i equals what
+``torch.optim.SGD`` / ``torch.optim.Adam`` (defaults: no dampening, L2 weight decay added to the
+gradient, ``maximize=False``) would do to that image alone. featsweep maximizes by descending the
+negated objective, so the gradient passed in is already that of the loss.
+
+No host syncs: everything stays on the device; the step counter is a Python int.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from featsweep.spec import OptimizerSpec
+
+
+def _col(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
+    """(B,) values -> (B, 1, 1, 1) float32 column that broadcasts over an image batch."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+
+
+@dataclass
+class BatchedOptimizer:
+    """Optimizer state and per-image hyperparameters for a (B, C, H, W) parameter."""
+
+    is_adam: torch.Tensor  # (B,1,1,1) bool
+    lr: torch.Tensor  # (B,1,1,1)
+    momentum: torch.Tensor  # (B,1,1,1), SGD
+    nesterov: torch.Tensor  # (B,1,1,1) bool, SGD
+    beta1: torch.Tensor  # (B,1,1,1), Adam
+    beta2: torch.Tensor  # (B,1,1,1), Adam
+    eps: torch.Tensor  # (B,1,1,1), Adam
+    weight_decay: torch.Tensor  # (B,1,1,1)
+    buf: torch.Tensor  # SGD momentum buffer / Adam first moment, like the parameter
+    sq: torch.Tensor  # Adam second moment, like the parameter
+    step_count: int = 0
+    any_adam: bool = False
+    any_sgd: bool = False
+
+    @classmethod
+    def create(cls, specs: Sequence[OptimizerSpec], param: torch.Tensor) -> "BatchedOptimizer":
+        """One OptimizerSpec per image of `param` (B, C, H, W)."""
+        if len(specs) != param.shape[0]:
+            raise ValueError(f"expected {param.shape[0]} optimizer specs, got {len(specs)}")
+        dev = param.device
+        is_adam = [s.name == "adam" for s in specs]
+        return cls(
+            is_adam=_col(is_adam, dev).bool(),
+            lr=_col([s.lr for s in specs], dev),
+            momentum=_col([s.momentum for s in specs], dev),
+            nesterov=_col([s.nesterov for s in specs], dev).bool(),
+            beta1=_col([s.betas[0] for s in specs], dev),
+            beta2=_col([s.betas[1] for s in specs], dev),
+            eps=_col([s.eps for s in specs], dev),
+            weight_decay=_col([s.weight_decay for s in specs], dev),
+            buf=torch.zeros_like(param),
+            sq=torch.zeros_like(param),
+            any_adam=any(is_adam),
+            any_sgd=not all(is_adam),
+        )
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Update `param` (B,C,H,W) in place from `grad` (same shape).
+
+        active: optional (B,1,1,1) bool; inactive images (diverged) keep their parameter and state.
+        """
+        self.step_count += 1
+        t = self.step_count
+        d_p = grad.addcmul(param, self.weight_decay)  # grad + wd * param, as torch.optim does
+        # SGD: buf <- momentum * buf + d_p (buf starts at 0, so step 1 gives buf = d_p, as torch).
+        # Adam: m <- beta1 * m + (1 - beta1) * d_p. One buffer serves both (an image is one kind).
+        decay = torch.where(self.is_adam, self.beta1, self.momentum)
+        scale = torch.where(self.is_adam, 1 - self.beta1, torch.ones_like(self.beta1))
+        new_buf = self.buf * decay + d_p * scale
+        update = torch.zeros_like(param)
+        if self.any_sgd:
+            # momentum = 0: torch uses d_p itself; buf = d_p then too, so buf works for both.
+            sgd_dir = torch.where(self.nesterov, d_p + self.momentum * new_buf, new_buf)
+            update = torch.where(self.is_adam, update, self.lr * sgd_dir)
+        new_sq = self.sq
+        if self.any_adam:
+            new_sq = self.sq * self.beta2 + (1 - self.beta2) * d_p * d_p
+            bias1 = 1 - self.beta1 ** t
+            bias2 = 1 - self.beta2 ** t
+            denom = (new_sq.sqrt() / bias2.sqrt()) + self.eps
+            adam_dir = (self.lr / bias1) * new_buf / denom
+            update = torch.where(self.is_adam, adam_dir, update)
+        if active is not None:
+            update = update * active
+            new_buf = torch.where(active, new_buf, self.buf)
+            new_sq = torch.where(active, new_sq, self.sq)
+        self.buf = new_buf
+        self.sq = new_sq
+        param.sub_(update)

@@ -1,0 +1,1 @@
+"""featsweep's batched Hydra launcher (``hydra/launcher=batched``)."""

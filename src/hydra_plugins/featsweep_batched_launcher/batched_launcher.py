@@ -1,0 +1,33 @@
+"""The Launcher class: Hydra's contract (setup / launch), logic in ``_core``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class BatchedLauncher(Launcher):
+    """Runs featsweep jobs that can share a network as one batch, then each job's normal Hydra
+    run writes its precomputed results. Other task functions run one job at a time."""
+
+    def __init__(self, max_batch: int = 64) -> None:
+        self.max_batch = max_batch
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra_plugins.featsweep_batched_launcher import _core
+
+        return _core.launch(self, job_overrides, initial_job_idx)
