@@ -114,9 +114,9 @@ def test_pure_noise_is_mostly_inconclusive():
 
     The count is itself random (Binomial(100, 0.95) for an exact 95 % procedure: it falls below 95
     about 38 % of the time), and the percentile bootstrap is a little liberal with 30 groups
-    (≈ 5–6 % false positives measured over 400 trials). So the bound is 90, which an exact
-    procedure misses with probability ≈ 1 %; a CI that ignored the noise or the pairing would
-    miss it by far. The trials are seeded, so the test is deterministic.
+    (≈ 6 % false positives, measured over 2,000 trials). So the bound is 90, which an exact
+    procedure misses with probability ≈ 1 % (≈ 5 % at a 6 % rate); a CI that ignored the noise
+    would miss it by far. These seeded trials give 95 of 100; the test is deterministic.
     """
     claim = Claim("noise", "optimizer.weight_decay", "display.brightness", "decrease")
     verdicts = []
