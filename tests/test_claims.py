@@ -110,13 +110,11 @@ def test_reversed_effect_is_contradicted():
 
 
 def test_pure_noise_is_mostly_inconclusive():
-    """The CI is nominally 95 %, so pure noise should be inconclusive in about 95 of 100 trials.
+    """Pure noise must come out inconclusive in >= 95 of 100 seeded trials (the issue's bar).
 
-    The count is itself random (Binomial(100, 0.95) for an exact 95 % procedure: it falls below 95
-    about 38 % of the time), and the percentile bootstrap is a little liberal with 30 groups
-    (≈ 6 % false positives, measured over 2,000 trials). So the bound is 90, which an exact
-    procedure misses with probability ≈ 1 % (≈ 5 % at a 6 % rate); a CI that ignored the noise
-    would miss it by far. These seeded trials give 95 of 100; the test is deterministic.
+    The CI is a 95 % studentized bootstrap, which stays near its nominal level with few groups
+    (a percentile bootstrap gave about 6 % false verdicts here, and 8-11 % at 9 groups). These
+    seeded trials give 98 of 100; the test is deterministic.
     """
     claim = Claim("noise", "optimizer.weight_decay", "display.brightness", "decrease")
     verdicts = []
@@ -125,7 +123,7 @@ def test_pure_noise_is_mostly_inconclusive():
                    wds=(0.0, 1e-3, 1e-1), offset_sd=3.0)
         verdicts.append(one(df, claim, n_boot=500, seed=trial)["verdict"])
     inconclusive = verdicts.count("inconclusive")
-    assert inconclusive >= 90, verdicts
+    assert inconclusive >= 95, verdicts
     assert inconclusive < 100  # a CI so wide that it never excludes 0 would be useless too
 
 
