@@ -1,0 +1,362 @@
+"""featsweep.analysis: synthetic job dirs with known values -> table, report, CLI; and end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import featsweep.analysis
+from featsweep.analysis import CollectError, collect
+from featsweep.analysis.__main__ import main as cli_main
+from featsweep.analysis.claims import RESULT_COLUMNS, Claim, ClaimsError
+from featsweep.analysis.collect import CACHE_FILE, RESULT_KEYS, TRACE_COLUMNS
+from featsweep.analysis.report import (
+    CLAIMS_COLUMNS,
+    NOT_IN_SWEEP,
+    claims_table,
+    swept_factors,
+    write_report,
+)
+from featsweep.artifacts import write_failure, write_job
+from featsweep.engine import JobOutcome
+from featsweep.errors import UserError
+from featsweep.metrics import METRICS
+
+collect_module = sys.modules["featsweep.analysis.collect"]
+ROOT = Path(__file__).resolve().parents[1]
+H = W = 8
+
+# Config leaves of the synthetic jobs, in file order (what the table's config columns must be).
+CONFIG_LEAVES = [
+    "model.name", "target.layer", "target.channel", "target.relu", "optimizer.name",
+    "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "optimizer.betas",
+    "regularizer.clamp", "blur.kind", "blur.k", "image.size", "steps", "seed",
+]
+
+
+def config(wd: float, seed: int) -> dict:
+    return {
+        "model": {"name": "tiny"},
+        "target": {"layer": "block3", "channel": 3, "relu": "post"},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": wd,
+                      "betas": [0.9, 0.999]},
+        "regularizer": {"clamp": True},
+        "blur": {"kind": "box", "k": 3},
+        "image": {"size": H},
+        "steps": 10,
+        "seed": seed,
+    }
+
+
+def half_image() -> np.ndarray:
+    """Left half 0, right half 1: stretched to 0/255, so display brightness 0.5, contrast 0.5."""
+    img = np.zeros((H, W, 3), np.float32)
+    img[:, W // 2:] = 1.0
+    return img
+
+
+def outcome(pixels: np.ndarray, activation: float = 20.0, status: str = "ok") -> JobOutcome:
+    steps = np.arange(11, dtype=float)
+    return JobOutcome(
+        status=status, activation=activation, activation_start=0.0, steps_done=10,
+        trace=np.stack([steps, 2.0 * steps], axis=1),  # activation = 2 · step
+        optimized=half_image(), before_blur=half_image(), pixels=pixels.astype(np.float32),
+        seconds=1.5, device="cpu", info={"batch_size": 4, "layer": "block3"},
+    )
+
+
+def hydra_files(job: Path, num: int, overrides: list[str], cfg: dict) -> None:
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    hydra = {"hydra": {
+        "sweep": {"subdir": "${hydra.job.num}"},
+        "job": {"num": num, "override_dirname": ",".join(overrides)},
+        "runtime": {"choices": {"optimizer": "sgd", "model": "tiny", "experiment": None,
+                                "hydra/launcher": "batched"}},
+    }}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra, sort_keys=False))
+
+
+def make_sweep(root: Path) -> Path:
+    """4 finished jobs: weight decay 0 / 0.1 × seed 0 / 1; raw image constant 0.25 + 0.5·wd."""
+    num = 0
+    for wd in (0.0, 0.1):
+        for seed in (0, 1):
+            job = root / str(num)
+            hydra_files(job, num, [f"optimizer.weight_decay={wd}", f"seed={seed}", "experiment=x"],
+                        config(wd, seed))
+            write_job(job, outcome(np.full((H, W, 3), 0.25 + 0.5 * wd), activation=20.0 + seed))
+            num += 1
+    return root
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    return make_sweep(tmp_path / "sweep")
+
+
+def expected_columns(extra_results: list[str]) -> list[str]:
+    return (["job.num", "job.dir", "job.overrides"] + CONFIG_LEAVES
+            + ["choice.experiment", "choice.model", "choice.optimizer", "status", "activation"]
+            + [f"result.{k}" for k in RESULT_KEYS] + [f"result.{k}" for k in extra_results]
+            + list(TRACE_COLUMNS)
+            + [f"display.{m}" for m in METRICS] + [f"raw.{m}" for m in METRICS])
+
+
+# ------------------------------------------------------------------------------------ collect
+
+
+def test_collect_columns_and_known_values(sweep: Path) -> None:
+    df = collect(sweep)
+    assert list(df.columns) == expected_columns(["layer"])
+    assert df["job.num"].tolist() == [0, 1, 2, 3]
+    assert df["job.dir"].tolist() == [str((sweep / str(i)).resolve()) for i in range(4)]
+    assert df.loc[3, "job.overrides"] == "optimizer.weight_decay=0.1 seed=1 experiment=x"
+    assert df["optimizer.weight_decay"].tolist() == [0.0, 0.0, 0.1, 0.1]
+    assert df["seed"].tolist() == [0, 1, 0, 1] and df["seed"].dtype == np.int64
+    assert df["regularizer.clamp"].dtype == bool
+    assert df.loc[0, "optimizer.betas"] == "[0.9, 0.999]"  # list leaves as their repr
+    assert df["choice.optimizer"].tolist() == ["sgd"] * 4
+    assert df["status"].tolist() == ["ok"] * 4
+    assert df["activation"].tolist() == [20.0, 21.0, 20.0, 21.0]
+    assert df["result.batch_size"].tolist() == [4] * 4
+    assert df["result.error"].isna().all() and df["result.steps_requested"].isna().all()
+    # trace: activation = 2·step over steps 0..10
+    assert df.loc[0, TRACE_COLUMNS].tolist() == [0.0, 2.0, 10.0, 20.0]
+    # display: the half-black, half-white image; raw: constant 0.25 + 0.5·wd
+    assert df["display.brightness"].tolist() == pytest.approx([0.5] * 4)
+    assert df["display.contrast"].tolist() == pytest.approx([0.5] * 4)
+    assert df["display.clip_fraction"].tolist() == pytest.approx([1.0] * 4)
+    assert df["raw.brightness"].tolist() == pytest.approx([0.25, 0.25, 0.3, 0.3], abs=1e-6)
+    assert df["raw.contrast"].tolist() == pytest.approx([0.0] * 4, abs=1e-7)
+    assert df["raw.hf_energy"].isna().all()  # a constant image has no spectrum
+    assert df.attrs["sweep_dir"] == str(sweep.resolve())
+
+
+def test_collect_is_reexported_and_config_floats_parse(tmp_path: Path) -> None:
+    assert featsweep.analysis.collect is collect_module.collect
+    job = tmp_path / "0"
+    hydra_files(job, 0, ["optimizer.weight_decay=1e-5"], {"optimizer": {"weight_decay": 0.0}})
+    # Hand-written YAML 1.2 float (no dot) and an interpolation: both as OmegaConf reads them.
+    (job / ".hydra" / "config.yaml").write_text(
+        "optimizer:\n  weight_decay: 1e-5\n  lr: 0.5\n  half: ${optimizer.lr}\nextra: {}\n")
+    df = collect(tmp_path)
+    assert df.loc[0, "optimizer.weight_decay"] == 1e-5
+    assert df.loc[0, "optimizer.half"] == 0.5
+    assert df.loc[0, "extra"] == "{}"
+
+
+def test_rows_sorted_by_job_num_over_several_sweeps(tmp_path: Path) -> None:
+    for sweep, nums in (("b", (1, 0)), ("a", (2,))):
+        for num in nums:
+            job = tmp_path / sweep / f"job{num}"
+            hydra_files(job, num, [f"seed={num}"], config(0.0, num))
+            write_job(job, outcome(np.full((H, W, 3), 0.5)))
+    df = collect(tmp_path)
+    assert df["job.num"].tolist() == [0, 1, 2]
+    assert [Path(d).relative_to(tmp_path.resolve()).as_posix() for d in df["job.dir"]] == [
+        "b/job0", "b/job1", "a/job2"]
+
+
+def test_running_incomplete_failed_and_corrupt_jobs_are_kept(sweep: Path) -> None:
+    # job 4: started, no result.json (fresh: running); job 5: same but old (incomplete)
+    for num in (4, 5):
+        hydra_files(sweep / str(num), num, ["seed=9"], config(0.0, 9))
+    old = time.time() - 7200
+    for path in [sweep / "5", *(sweep / "5").rglob("*")]:
+        os.utime(path, (old, old))
+    write_failure(sweep / "6", "RuntimeError: boom")
+    hydra_files(sweep / "6", 6, ["seed=8"], config(0.0, 8))
+    (sweep / "0" / "result.json").write_text("{not json")
+    np.save(sweep / "1" / "image.npy", np.zeros((4, 4), np.float32))  # not H×W×3
+    (sweep / "2" / "image.npy").write_bytes(b"garbage")
+
+    df = collect(sweep).set_index("job.num")
+    assert df["status"].to_dict() == {0: "corrupt", 1: "corrupt", 2: "corrupt", 3: "ok",
+                                      4: "running", 5: "incomplete", 6: "failed"}
+    assert df.loc[0, "result.error"].startswith("result.json: not readable")
+    assert np.isnan(df.loc[0, "activation"])
+    assert df.loc[0, "display.brightness"] == pytest.approx(0.5)  # the rest is still analysed
+    assert df.loc[0, "raw.brightness"] == pytest.approx(0.25, abs=1e-6)
+    assert df.loc[1, "result.error"].startswith("image.npy: not readable (holds an array of shape (4, 4)")
+    assert df.loc[2, "result.error"].startswith("image.npy: not readable")
+    assert np.isnan(df.loc[2, "raw.brightness"]) and df.loc[2, "display.brightness"] == pytest.approx(0.5)
+    assert df.loc[2, "activation"] == 20.0
+    assert df.loc[6, "result.error"] == "RuntimeError: boom"
+    for num in (4, 5, 6):
+        assert np.isnan(df.loc[num, "display.brightness"]) and np.isnan(df.loc[num, "trace.act@0"])
+    assert collect(sweep, stale_after=1e9).set_index("job.num").loc[5, "status"] == "running"
+
+
+def test_trace_points_take_the_last_recorded_step(tmp_path: Path) -> None:
+    job = tmp_path / "0"
+    hydra_files(job, 0, [], config(0.0, 0))
+    (job / "trace.csv").write_text("step,activation\n0,1\n4,2\n8,3\n10,4\n")
+    row = collect(tmp_path).iloc[0]
+    # 10 % of 10 = step 1 -> recorded step 0; 50 % = 5 -> step 4; 100 % -> step 10
+    assert row[list(TRACE_COLUMNS)].tolist() == [1.0, 1.0, 2.0, 4.0]
+    (job / "trace.csv").write_text("step;activation\n")
+    row = collect(tmp_path).iloc[0]
+    assert row["status"] == "corrupt" and row["result.error"].startswith("trace.csv: header")
+
+
+def test_metrics_cache_is_used_and_invalidated(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = collect(sweep)
+    cache = json.loads((sweep / "0" / CACHE_FILE).read_text())
+    assert set(cache["images"]) == {"display", "raw"}
+    calls: list[int] = []
+    real = collect_module.image_stats_batch
+
+    def counting(imgs: np.ndarray) -> dict:
+        calls.append(len(imgs))
+        return real(imgs)
+
+    monkeypatch.setattr(collect_module, "image_stats_batch", counting)
+    again = collect(sweep)
+    assert calls == []  # nothing recomputed
+    pd.testing.assert_frame_equal(first, again)
+    mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob(f"*/{CACHE_FILE}")}
+
+    np.save(sweep / "3" / "image.npy", np.full((H, W, 3), 0.75, np.float32))  # same size
+    os.utime(sweep / "3" / "image.npy", ns=(1, 1))  # mtime changes even on coarse clocks
+    third = collect(sweep)
+    assert calls == [1]  # only job 3's raw image
+    assert third.loc[3, "raw.brightness"] == pytest.approx(0.75, abs=1e-6)
+    assert third.loc[3, "display.brightness"] == first.loc[3, "display.brightness"]
+    unchanged = {p: p.stat().st_mtime_ns for p in sweep.glob(f"*/{CACHE_FILE}")}
+    assert [p.parent.name for p in mtimes if mtimes[p] != unchanged[p]] == ["3"]
+
+
+def test_missing_and_empty_directories_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CollectError, match="does not exist"):
+        collect(tmp_path / "nope")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(CollectError, match="no featsweep jobs under") as info:
+        collect(tmp_path / "empty")
+    assert isinstance(info.value, UserError)
+
+
+# ------------------------------------------------------------------------ claims and report
+
+
+def test_claims_table_marks_claims_outside_the_sweep(sweep: Path) -> None:
+    df = collect(sweep)
+    claims = [
+        Claim("wd darker", "optimizer.weight_decay", "raw.brightness", "decrease"),
+        Claim("clamp", "regularizer.clamp", "display.dominance", "increase", levels=(True, False)),
+        Claim("blur", "blur.k", "display.hf_energy", "decrease"),
+        Claim("adam", "optimizer.name", "display.contrast", "any", levels=("sgd", "adam")),
+    ]
+    table = claims_table(df, claims, n_boot=200)
+    assert list(table.columns) == list(CLAIMS_COLUMNS) == [*RESULT_COLUMNS, "note"]
+    assert table["verdict"].tolist()[1:] == [NOT_IN_SWEEP] * 3
+    assert "regularizer.clamp never is false" in table.loc[1, "note"]
+    assert "blur.k does not vary here" in table.loc[2, "note"]
+    row = table.iloc[0]
+    assert row["test"] == "spearman" and row["n_groups"] == 2 and row["statistic"] == 1.0
+    # a typo is an error before anything is computed
+    with pytest.raises(ClaimsError, match="display.brigthness"):
+        claims_table(df, [Claim("typo", "optimizer.weight_decay", "display.brigthness", "decrease")])
+
+
+def test_swept_factors_from_overrides(sweep: Path) -> None:
+    assert swept_factors(collect(sweep)) == {"optimizer.weight_decay": ["0.0", "0.1"],
+                                             "seed": ["0", "1"]}
+
+
+def test_report_on_a_running_sweep(sweep: Path, tmp_path: Path) -> None:
+    hydra_files(sweep / "4", 4, ["optimizer.weight_decay=0.0", "seed=2", "experiment=x"],
+                config(0.0, 2))
+    report = write_report(sweep, out_dir=tmp_path / "out", n_boot=200)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"runs.parquet", "runs.csv", "claims.csv", "report.md", "contact_sheet.png",
+            "activation.png"} <= names
+    assert any(n.startswith("claim_") and n.endswith(".png") for n in names)
+    text = report.read_text()
+    assert "| running | 1 |" in text and "contact_sheet.png" in text and "| claim |" in text
+    assert NOT_IN_SWEEP in text
+    runs = pd.read_parquet(tmp_path / "out" / "runs.parquet")
+    assert runs["status"].tolist() == ["ok"] * 4 + ["running"]
+    claims = pd.read_csv(tmp_path / "out" / "claims.csv")
+    assert list(claims.columns) == list(CLAIMS_COLUMNS)
+
+
+def test_cli_user_errors_exit_2_with_one_message(sweep: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert cli_main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    bad = tmp_path / "claims.yaml"
+    bad.write_text("claims:\n  - name: x\n    factor: optimizer.weight_decay\n"
+                   "    metric: display.brigthness\n    direction: decrease\n")
+    assert cli_main([str(sweep), "--claims", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "display.brigthness" in err and "did you mean 'display.brightness'" in err
+    assert not (sweep / "analysis").exists()  # nothing written
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def run_notebook(path: Path, sweep_dir: Path) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    first = nb.cells.index(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])))
+    assert "sweep_dir =" in nb.cells[first].source
+    injected = nbformat.v4.new_code_cell(f"sweep_dir = {str(sweep_dir)!r}")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(first + 1, injected)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(sweep_dir)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} showed no picture"
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke_sweep_cli_and_notebooks(tmp_path: Path) -> None:
+    sweep = tmp_path / "smoke"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run([sys.executable, "-m", "featsweep", "experiment=smoke",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "featsweep.analysis", str(sweep)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = sweep / "analysis"
+    for name in ("runs.parquet", "runs.csv", "claims.csv", "report.md", "contact_sheet.png",
+                 "activation.png"):
+        assert (out / name).stat().st_size > 0, name
+    jobs = sorted(p.parent.parent for p in sweep.glob("*/.hydra/config.yaml"))
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs) == len(jobs) == 8
+    assert runs["job.num"].tolist() == list(range(8))
+    assert runs["status"].eq("ok").all()
+    columns = list(runs.columns)
+    assert columns[:3] == ["job.num", "job.dir", "job.overrides"]
+    for name in ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "blur.k", "steps",
+                 "seed", "target.channel", "choice.optimizer", "status", "activation",
+                 "result.seconds", "result.error", *TRACE_COLUMNS,
+                 *(f"{p}.{m}" for p in ("display", "raw") for m in METRICS)):
+        assert name in columns, name
+    assert runs[[f"display.{m}" for m in ("brightness", "contrast", "clip_fraction")]].notna().all().all()
+    assert list(pd.read_csv(out / "runs.csv").columns) == columns
+    claims = pd.read_csv(out / "claims.csv")
+    assert len(claims) == 12 and NOT_IN_SWEEP in set(claims["verdict"])
+    report = (out / "report.md").read_text()
+    assert "![" in report and "| ok | 8 |" in report
+    for notebook in ("claims.ipynb", "explore.ipynb"):
+        run_notebook(ROOT / "analysis" / notebook, sweep)
