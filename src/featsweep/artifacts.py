@@ -1,27 +1,47 @@
 """Job directories: the only code that writes (and, for resume, reads) a job's files.
 
 Every file goes to a temporary name in the same directory and is renamed into place, so a reader
-never sees half a file and a crash leaves either the old file or the new one.
+never sees half a file and a crash leaves either the old file or the new one. result.json is
+written last: its presence marks a finished job (Hydra's own ``.hydra/*.yaml`` are Hydra's and
+are written by Hydra, not through here).
 
 Files (see docs/CONTRACTS.md): image.png, before_blur.png, image.npy, trace.csv, result.json.
+
+Resume (``resume=true``) reads result.json back: :func:`completed` says whether a job directory
+already holds an ``ok`` result for the same config (:func:`config_hash`) with all its files.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import os
+import platform
+import socket
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
-from PIL import Image
 
-from featsweep.engine import JobOutcome
+if TYPE_CHECKING:  # torch is imported only when a job is really written
+    from featsweep.engine import JobOutcome
 
 RESULT = "result.json"
 FILES = ("image.png", "before_blur.png", "image.npy", "trace.csv", RESULT)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the usual permissions (0666 & ~umask; mkstemp alone would leave them 0600).
+_FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -29,6 +49,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -53,6 +74,8 @@ def stretch(img: np.ndarray) -> np.ndarray:
 
 
 def _png(img_u8: np.ndarray) -> Callable[[io.BufferedWriter], None]:
+    from PIL import Image
+
     return lambda f: Image.fromarray(img_u8).save(f, format="PNG")
 
 
@@ -102,9 +125,103 @@ def write_failure(job_dir: Path, error: str, extra: dict[str, Any] | None = None
 def read_result(job_dir: Path) -> dict[str, Any] | None:
     """result.json of a job, or None when missing or unreadable."""
     try:
-        return json.loads((Path(job_dir) / RESULT).read_text())
+        result = json.loads((Path(job_dir) / RESULT).read_text())
     except (OSError, ValueError):
         return None
+    return result if isinstance(result, dict) else None
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable fingerprint of one job's settings: sha256 (hex) of its config as canonical JSON.
+
+    `config` is the job's config as plain containers (``OmegaConf.to_container(cfg,
+    resolve=True)``); the ``hydra`` node (paths, job number, launcher) and the top-level
+    ``resume`` flag are left out, so re-running the same sweep with ``resume=true`` gives the
+    same hash, and any changed value (steps, lr, seed, ...) a different one.
+    """
+    body = {k: v for k, v in config.items() if k not in ("hydra", "resume")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def completed(job_dir: Path, digest: str) -> dict[str, Any] | None:
+    """The job's result when `job_dir` already holds a finished, ok run of the config `digest`.
+
+    None (the job must run) when result.json is missing or unreadable, its status is not ``ok``
+    (failed, diverged, interrupted), it was written for another config (or before config hashes
+    existed), or one of the job's files is missing. Reads only; touches nothing.
+    """
+    job_dir = Path(job_dir)
+    result = read_result(job_dir)
+    if result is None or result.get("status") != "ok" or result.get("config_hash") != digest:
+        return None
+    if not all((job_dir / name).is_file() for name in FILES):
+        return None
+    return result
+
+
+# ------------------------------------------------------------------------------- provenance
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """HEAD of the git checkout featsweep runs from (an editable install), else None.
+
+    Asked once per process. A featsweep installed into site-packages has no checkout of its own:
+    a repository that merely contains site-packages (a venv inside a project) is not reported.
+    """
+    src = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        top, commit = out.split()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    own = Path(top) / "src" / "featsweep"
+    return commit if own.is_dir() and own.resolve() == src else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def _host_record() -> dict[str, Any]:
+    import torch
+
+    from featsweep import __version__
+
+    return {
+        "featsweep_version": __version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "hostname": socket.gethostname(),
+        "cpu_name": _cpu_name(),
+    }
+
+
+def provenance(device: str | None = None) -> dict[str, Any]:
+    """Where and with what a job ran: featsweep version and git commit (None outside a
+    checkout), torch and CUDA versions, Python, hostname, CPU, and `device_name` (the GPU's name
+    for a ``cuda:N (NAME)`` device string, else the CPU's). Cheap after the first call."""
+    record = dict(_host_record())
+    name = record["cpu_name"]
+    if device and device.startswith("cuda") and "(" in device:
+        name = device[device.index("(") + 1:].rstrip(")")
+    record["device_name"] = name
+    return record
 
 
 def _finite_or_none(x: float | None) -> float | None:

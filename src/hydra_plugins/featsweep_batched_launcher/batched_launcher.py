@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class BatchedLauncher(Launcher):
     """Runs featsweep jobs that can share a network as one batch, then each job's normal Hydra
-    run writes its precomputed results. Other task functions run one job at a time."""
+    run writes its precomputed results. Other task functions run one job at a time.
 
-    def __init__(self, max_batch: int = 64) -> None:
+    `backend` says where the batches run: in this process (``local``) or as one submitit task per
+    batch (``submitit_local``, ``submitit_slurm``; the other keyword arguments are the submitit
+    settings of :class:`~hydra_plugins.featsweep_batched_launcher.config.BatchedLauncherConf`).
+    """
+
+    def __init__(self, max_batch: int = 64, backend: str = "local", **submitit: Any) -> None:
         self.max_batch = max_batch
+        self.backend = backend
+        self.submitit: dict[str, Any] = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in submitit.items()}
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
+        from hydra_plugins.featsweep_batched_launcher import _core
+
+        _core.check_settings(self)
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function

@@ -2,7 +2,8 @@
 
 # No `from __future__ import annotations` here: Hydra's plugin scan executes this module without
 # registering it in sys.modules, and dataclasses then cannot resolve string annotations.
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -14,6 +15,62 @@ class BatchedLauncherConf:
     # precision are packed into batches of at most this many; on CUDA out-of-memory a batch is
     # split in halves and retried, so no job is lost.
     max_batch: int = 64
+    # Where each batch runs: "local" (in this process, one batch after another),
+    # "submitit_local" (each batch as one submitit task on this machine; for tests) or
+    # "submitit_slurm" (each batch as one SLURM task, all of them as one job array).
+    backend: str = "local"
+
+    # ---- submitit settings: used only when backend is submitit_*. Same names and meanings as
+    # Hydra's submitit launcher (hydra/launcher=submitit_slurm); one batch = one task = one
+    # process, so there is no nodes / tasks_per_node.
+    # Folder for submitit's pickles and each task's stdout/stderr (%j = the job id).
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    # Wall-clock limit of one task (one whole batch), minutes.
+    timeout_min: int = 60
+    # CPU cores per task; None = the cluster's default.
+    cpus_per_task: Optional[int] = None
+    # GPUs per task (the node's GPUs this batch may use); None = none requested.
+    gpus_per_node: Optional[int] = None
+    # Memory per task, GB; None = the cluster's default.
+    mem_gb: Optional[int] = None
+    # Job name shown by the scheduler.
+    name: str = "${hydra.job.name}"
+    # Write the task's stderr into its stdout file.
+    stderr_to_stdout: bool = False
+    # SLURM only (backend=submitit_slurm); see `man sbatch`.
+    # Partition (queue) to submit to; None = the cluster's default.
+    partition: Optional[str] = None
+    # Quality of service.
+    qos: Optional[str] = None
+    # Free-text job comment.
+    comment: Optional[str] = None
+    # Node features required, e.g. "a100".
+    constraint: Optional[str] = None
+    # Nodes not to use, e.g. "node[01-03]".
+    exclude: Optional[str] = None
+    # Generic resources, e.g. "gpu:1" (alternative to gpus_per_node / gpus_per_task).
+    gres: Optional[str] = None
+    # CPU cores per GPU.
+    cpus_per_gpu: Optional[int] = None
+    # GPUs per task.
+    gpus_per_task: Optional[int] = None
+    # Memory per GPU, with units, e.g. "32G".
+    mem_per_gpu: Optional[str] = None
+    # Memory per CPU core, with units, e.g. "4G".
+    mem_per_cpu: Optional[str] = None
+    # Account to charge.
+    account: Optional[str] = None
+    # Seconds before the time limit at which submitit sends its timeout signal (USR2).
+    signal_delay_s: int = 120
+    # Times a task that hit its time limit is requeued (0 = never). A requeued batch reruns from
+    # the start; prefer resume=true on a new submission.
+    max_num_timeout: int = 0
+    # Extra sbatch options, e.g. {"mail-user": "me@lab.org", "mail-type": "END"}.
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    # Most batches (array tasks) running at the same time.
+    array_parallelism: int = 256
+    # Shell lines run before the task starts, e.g. ["module load cuda/12.4"].
+    setup: Optional[List[str]] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf,

@@ -1,0 +1,175 @@
+"""Past one machine: featsweep through submitit (SLURM in production, ``submitit_local`` here).
+
+Two modes, both run end to end as a user runs them (``python -m featsweep -m ...``):
+
+1. Hydra's own submitit launcher, one featsweep job per task (``hydra/launcher=submitit_local``).
+2. featsweep's batched launcher with each batch as ONE submitit task
+   (``hydra/launcher=batched hydra.launcher.backend=submitit_local``).
+
+Either way a 4-job sweep gives 4 ok job directories that ``featsweep.analysis.collect`` reads
+like any other. There is no SLURM here: the SLURM presets are checked by composing them and by
+the sbatch script submitit would submit (a stand-in ``srun`` on PATH satisfies submitit's check).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import featsweep
+from featsweep.artifacts import FILES, read_result
+from featsweep.errors import ConfigError
+from hydra_plugins.featsweep_batched_launcher import _core
+from hydra_plugins.featsweep_batched_launcher.batched_launcher import BatchedLauncher
+
+CONF = str(Path(featsweep.__file__).resolve().parent / "conf")
+SWEEP = ["model=tiny", "device=cpu", "image.size=32", "steps=5", "optimizer=adam",
+         "seed=0,1", "optimizer.weight_decay=0,0.1"]
+
+
+def featsweep_m(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "featsweep", "-m", *args, f"hydra.sweep.dir={cwd / 'sweep'}"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def check_four_ok_jobs(sweep: Path) -> list[dict[str, Any]]:
+    """4 job dirs 0..3, every file there, status ok; analysis collects them like any sweep."""
+    from featsweep.analysis import collect
+
+    dirs = sorted((d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.name)
+    assert [d.name for d in dirs] == ["0", "1", "2", "3"]
+    results = []
+    for d in dirs:
+        for name in FILES:
+            assert (d / name).is_file(), f"{d / name} is missing"
+        res = read_result(d)
+        assert res is not None and res["status"] == "ok" and res["steps"] == 5, res
+        assert np.load(d / "image.npy").shape == (32, 32, 3)
+        results.append(res)
+    df = collect(sweep)
+    assert len(df) == 4 and df["status"].tolist() == ["ok"] * 4
+    assert df["job.num"].tolist() == [0, 1, 2, 3]
+    assert sorted(zip(df["seed"], df["optimizer.weight_decay"])) == [(0, 0.0), (0, 0.1),
+                                                                     (1, 0.0), (1, 0.1)]
+    return results
+
+
+@pytest.mark.slow
+def test_hydra_submitit_local_runs_one_job_per_task(tmp_path: Path) -> None:
+    proc = featsweep_m(tmp_path, *SWEEP, "hydra/launcher=submitit_local")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    results = check_four_ok_jobs(tmp_path / "sweep")
+    assert [r["batch_size"] for r in results] == [1] * 4
+    tasks = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if d.name != "%j"]
+    assert len(tasks) == 4  # one submitit task per job
+
+
+@pytest.mark.slow
+def test_batched_launcher_submits_each_batch_as_one_task(tmp_path: Path) -> None:
+    proc = featsweep_m(tmp_path, *SWEEP, "hydra/launcher=batched",
+                       "hydra.launcher.backend=submitit_local", "hydra.launcher.max_batch=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out
+    assert "Batched 4 jobs into 2 batch(es) of at most 2, each as one submitit_local task" in out
+    assert "Submitted 2 submitit_local task(s)" in out
+    results = check_four_ok_jobs(tmp_path / "sweep")
+    assert [r["batch_size"] for r in results] == [2] * 4  # each task ran its batch as one
+    tasks = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if d.name != "%j"]
+    assert len(tasks) == 2
+    # Inside the task each job went through Hydra's run_job: its .hydra files and log are there.
+    for d in (tmp_path / "sweep" / str(i) for i in range(4)):
+        assert (d / ".hydra" / "overrides.yaml").is_file() and (d / "featsweep.log").is_file()
+        hydra = OmegaConf.load(d / ".hydra" / "hydra.yaml")
+        assert str(hydra.hydra.job.num) == d.name
+
+
+# Composing sets Hydra's global version base (1.3); restore Hydra's singletons after each test so
+# that later in-process Hydra suites (tests/test_launcher.py) still see their defaults.
+pytestmark = pytest.mark.usefixtures("hydra_restore_singletons")
+
+
+# ------------------------------------------------------------------------ presets, no cluster
+
+
+def launcher_config(*overrides: str) -> Any:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+@pytest.mark.parametrize("preset, target, backend", [
+    ("batched", "BatchedLauncher", "local"),
+    ("batched_submitit_local", "BatchedLauncher", "submitit_local"),
+    ("batched_slurm", "BatchedLauncher", "submitit_slurm"),
+    ("submitit_local", "LocalLauncher", None),
+    ("submitit_slurm_gpu", "SlurmLauncher", None),
+])
+def test_launcher_presets_compose(preset: str, target: str, backend: str | None) -> None:
+    cfg = launcher_config(f"hydra/launcher={preset}")
+    assert cfg._target_.endswith(target)
+    if backend is not None:
+        assert cfg.backend == backend
+    if "slurm" in preset:
+        assert cfg.partition is None  # required; see test_batched_slurm_requires_a_partition
+        assert cfg.gpus_per_task == 1 and cfg.timeout_min >= 60
+
+
+def make_launcher(*overrides: str) -> BatchedLauncher:
+    cfg = launcher_config(*overrides)
+    params = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(params, dict)
+    params.pop("_target_")
+    params["submitit_folder"] = "/tmp/featsweep-test/%j"
+    params["name"] = "featsweep"
+    return BatchedLauncher(**params)
+
+
+def test_batched_slurm_requires_a_partition() -> None:
+    launcher = make_launcher("hydra/launcher=batched_slurm")
+    with pytest.raises(ConfigError, match="hydra.launcher.partition=NAME"):
+        _core.check_settings(launcher)
+
+
+def test_batched_slurm_settings_reach_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preset's settings become the sbatch options of each batch's task: one node, one task,
+    one GPU, the partition and the time limit."""
+    fake_srun = tmp_path / "srun"
+    fake_srun.write_text("#!/bin/sh\nexit 0\n")
+    fake_srun.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    launcher = make_launcher("hydra/launcher=batched_slurm", "hydra.launcher.partition=gpu",
+                             "hydra.launcher.max_num_timeout=1",
+                             "+hydra.launcher.additional_parameters.mail-type=END")
+    _core.check_settings(launcher)
+    executor = _core._executor(launcher)
+    script = executor._executor._make_submission_file_text("python -m featsweep_task", "uid")
+    for option in ("--partition=gpu", "--gpus-per-task=1", "--cpus-per-task=8", "--mem=64GB",
+                   "--time=240", "--nodes=1", "--ntasks-per-node=1", "--signal=USR2@120",
+                   "--mail-type=END", "--job-name=featsweep"):
+        assert f"#SBATCH {option}\n" in script, option
+    assert executor._executor.max_num_timeout == 1
+    assert executor._executor.parameters["array_parallelism"] == 256
+
+
+def test_local_backend_takes_only_what_a_local_task_understands() -> None:
+    launcher = make_launcher("hydra/launcher=batched_submitit_local",
+                             "hydra.launcher.partition=ignored", "hydra.launcher.timeout_min=7")
+    _core.check_settings(launcher)
+    params = _core._executor(launcher)._executor.parameters
+    assert params["timeout_min"] == 7 and params["tasks_per_node"] == 1
+    assert "partition" not in params
