@@ -344,6 +344,9 @@ def test_groups_by_batch_key_in_first_seen_order_and_max_batch(base_spec: Any) -
     assert [[j.idx for j in g] for g in groups] == [[0, 1], [2, 3], [4], [5, 6]]
     assert [[j.idx for j in g] for g in _core._groups(jobs, max_batch=64)] == [[0, 1, 2, 3, 4],
                                                                                 [5, 6]]
+    # As few batches as max_batch allows, of near-equal sizes (not 4 + 1).
+    assert [[j.idx for j in g] for g in _core._groups(jobs, max_batch=4)] == [[0, 1, 2], [3, 4],
+                                                                               [5, 6]]
 
 
 class FakeEngine:

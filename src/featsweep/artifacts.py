@@ -65,7 +65,10 @@ def stretch(img: np.ndarray) -> np.ndarray:
 
     img: (H, W, 3) float. A constant (or non-finite) image maps to mid-grey.
     """
-    finite = np.where(np.isfinite(img), img, np.nan)
+    ok = np.isfinite(img)
+    if not ok.any():  # a diverged image: nanmin would warn "All-NaN slice encountered"
+        return np.full(img.shape, 128, dtype=np.uint8)
+    finite = np.where(ok, img, np.nan)
     lo, hi = np.nanmin(finite), np.nanmax(finite)
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         return np.full(img.shape, 128, dtype=np.uint8)

@@ -17,16 +17,21 @@ RESERVED_PREFIXES: tuple[str, ...] = ("job.", "choice.", "result.", "trace.", "d
 # Unprefixed outcome columns taken from result.json.
 RESULT_COLUMNS: tuple[str, ...] = ("status", "activation")
 
+# Config leaves that say how a job was run, not what was run: a resumed job has resume=true
+# and must still pair with the jobs of the first run.
+BOOKKEEPING_LEAVES: tuple[str, ...] = ("resume",)
+
 
 def is_config_column(name: str) -> bool:
     """Whether ``name`` is a config leaf (``optimizer.lr``, ``seed``, ...) rather than an outcome."""
-    return name not in RESULT_COLUMNS and not name.startswith(RESERVED_PREFIXES)
+    return (name not in RESULT_COLUMNS and name not in BOOKKEEPING_LEAVES
+            and not name.startswith(RESERVED_PREFIXES))
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:
     """The config-leaf columns of an analysis table, in the table's column order.
 
-    Every column that is not ``status``/``activation`` and does not start with one of
-    :data:`RESERVED_PREFIXES`.
+    Every column that is not ``status``/``activation``, not in :data:`BOOKKEEPING_LEAVES` and
+    does not start with one of :data:`RESERVED_PREFIXES`.
     """
     return [str(c) for c in df.columns if is_config_column(str(c))]

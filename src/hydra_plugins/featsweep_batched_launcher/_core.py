@@ -309,13 +309,23 @@ def _raise_if_interrupted(launcher: "BatchedLauncher", signame: str | None,
 
 
 def _groups(jobs: Sequence[_Job], max_batch: int) -> list[list[_Job]]:
-    """Jobs with equal batch keys, in first-seen order, cut into chunks of at most max_batch."""
+    """Jobs with equal batch keys, in first-seen order, cut into as few chunks of at most
+    max_batch as possible, of near-equal sizes (130 jobs at 64 -> 44 + 43 + 43, not 64 + 64 + 2:
+    a batch costs its steps whatever its size, so a tiny last batch wastes a whole run)."""
     by_key: dict[tuple, list[_Job]] = {}
     for job in jobs:
         assert job.spec is not None
         by_key.setdefault(job.spec.batch_key(), []).append(job)
-    return [group[i:i + max_batch] for group in by_key.values()
-            for i in range(0, len(group), max(1, max_batch))]
+    chunks = []
+    for group in by_key.values():
+        n_chunks = -(-len(group) // max(1, max_batch))
+        size, extra = divmod(len(group), n_chunks)
+        start = 0
+        for i in range(n_chunks):
+            end = start + size + (i < extra)
+            chunks.append(group[start:end])
+            start = end
+    return chunks
 
 
 def _is_oom(exc: BaseException) -> bool:
