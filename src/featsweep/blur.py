@@ -18,7 +18,11 @@ from featsweep.spec import BlurSpec
 
 
 def opencv_sigma(k: int) -> float:
-    """OpenCV's default Gaussian sigma for a k-pixel kernel (used when blur.sigma is null)."""
+    """The sigma OpenCV documents for a k-pixel kernel, 0.3((k-1)/2 - 1) + 0.8 (blur.sigma=null).
+
+    cv2.GaussianBlur(..., sigma=0) itself uses fixed binomial kernels for k <= 7, which differ by
+    up to 0.011 per tap; featsweep always builds the Gaussian from this sigma.
+    """
     return 0.3 * ((k - 1) * 0.5 - 1) + 0.8
 
 

@@ -112,6 +112,24 @@ def validate(specs: Sequence[RunSpec]) -> None:
         model, layers = load_network(spec, device)
         check_targets(model, layers, [(spec.target.layer, spec.target.relu, spec.target.channel)],
                       spec.model.name)
+        if spec.target.relu == "pre":
+            _check_pre_relu(spec, model, layers, device)
+
+
+_PRE_OK: set[tuple] = set()
+
+
+def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
+    """A pre-ReLU target exists only where the layer ends in a ReLU: one truncated forward at the
+    probe size finds out (ConfigError otherwise), once per model and layer."""
+    key = (spec.model.name, spec.model.weights, str(device), spec.target.layer)
+    if key in _PRE_OK:
+        return
+    size = max(MODELS[spec.model.name].min_size, 64)
+    with torch.no_grad():
+        LayerReader(model, [(spec.target.layer, "pre")], [i.name for i in layers])(
+            torch.zeros(1, 3, size, size, device=device))
+    _PRE_OK.add(key)
 
 
 def _device_name(device: torch.device) -> str:
@@ -276,9 +294,11 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         n = min(spec.steps, done)
         acts = np.append(trace_np[:n, i], final_np[i])
         bad = int(diverged_np[i]) if diverged_np[i] >= 0 else None
+        if bad is None and not np.isfinite(final_np[i]):
+            bad = n  # the last update overflowed: the final image is not finite
         if bad is not None:
             n = bad
-            acts = trace_np[: bad + 1, i]
+            acts = acts[: bad + 1]
         finite_acts = acts[np.isfinite(acts)]
         status = "diverged" if bad is not None else ("interrupted" if n < spec.steps else "ok")
         outcomes.append(JobOutcome(

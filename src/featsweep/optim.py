@@ -19,9 +19,10 @@ import torch
 from featsweep.spec import OptimizerSpec
 
 
-def _col(values: Sequence[float], device: torch.device | str) -> torch.Tensor:
-    """(B,) values -> (B, 1, 1, 1) float32 column that broadcasts over an image batch."""
-    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+def _col(values: Sequence[float], device: torch.device | str,
+         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) values -> (B, 1, 1, 1) column (float32 unless `dtype`) that broadcasts over a batch."""
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
 
 
 @dataclass
@@ -36,6 +37,9 @@ class BatchedOptimizer:
     beta2: torch.Tensor  # (B,1,1,1), Adam
     eps: torch.Tensor  # (B,1,1,1), Adam
     weight_decay: torch.Tensor  # (B,1,1,1)
+    beta1_64: torch.Tensor  # (B,1,1,1) float64: 1 - beta**t and 1 - beta in float64, as torch
+    beta2_64: torch.Tensor  # does with Python floats (float32 loses ~1e-5 of 1 - 0.999**t)
+    adam_steps: torch.Tensor  # (B,1,1,1) float64, updates each image has taken (bias correction)
     buf: torch.Tensor  # SGD momentum buffer / Adam first moment, like the parameter
     sq: torch.Tensor  # Adam second moment, like the parameter
     step_count: int = 0
@@ -58,6 +62,9 @@ class BatchedOptimizer:
             beta2=_col([s.betas[1] for s in specs], dev),
             eps=_col([s.eps for s in specs], dev),
             weight_decay=_col([s.weight_decay for s in specs], dev),
+            beta1_64=_col([s.betas[0] for s in specs], dev, torch.float64),
+            beta2_64=_col([s.betas[1] for s in specs], dev, torch.float64),
+            adam_steps=torch.zeros(len(specs), 1, 1, 1, dtype=torch.float64, device=dev),
             buf=torch.zeros_like(param),
             sq=torch.zeros_like(param),
             any_adam=any(is_adam),
@@ -71,12 +78,13 @@ class BatchedOptimizer:
         active: optional (B,1,1,1) bool; inactive images (diverged) keep their parameter and state.
         """
         self.step_count += 1
-        t = self.step_count
+        # Each image's own step count: a frozen image's bias correction resumes where it stopped.
+        t = self.adam_steps + (1 if active is None else active.to(torch.float64))
         d_p = grad.addcmul(param, self.weight_decay)  # grad + wd * param, as torch.optim does
         # SGD: buf <- momentum * buf + d_p (buf starts at 0, so step 1 gives buf = d_p, as torch).
         # Adam: m <- beta1 * m + (1 - beta1) * d_p. One buffer serves both (an image is one kind).
         decay = torch.where(self.is_adam, self.beta1, self.momentum)
-        scale = torch.where(self.is_adam, 1 - self.beta1, torch.ones_like(self.beta1))
+        scale = torch.where(self.is_adam, (1 - self.beta1_64).float(), torch.ones_like(self.beta1))
         new_buf = self.buf * decay + d_p * scale
         update = torch.zeros_like(param)
         if self.any_sgd:
@@ -85,10 +93,11 @@ class BatchedOptimizer:
             update = torch.where(self.is_adam, update, self.lr * sgd_dir)
         new_sq = self.sq
         if self.any_adam:
-            new_sq = self.sq * self.beta2 + (1 - self.beta2) * d_p * d_p
-            bias1 = 1 - self.beta1 ** t
-            bias2 = 1 - self.beta2 ** t
-            denom = (new_sq.sqrt() / bias2.sqrt()) + self.eps
+            new_sq = self.sq * self.beta2 + (1 - self.beta2_64).float() * d_p * d_p
+            t_eff = t.clamp(min=1)  # an image frozen from the start: finite, and masked below
+            bias1 = (1 - self.beta1_64 ** t_eff).float()
+            bias2_sqrt = (1 - self.beta2_64 ** t_eff).sqrt().float()
+            denom = (new_sq.sqrt() / bias2_sqrt) + self.eps
             adam_dir = (self.lr / bias1) * new_buf / denom
             update = torch.where(self.is_adam, adam_dir, update)
         if active is not None:
@@ -97,4 +106,5 @@ class BatchedOptimizer:
             new_sq = torch.where(active, new_sq, self.sq)
         self.buf = new_buf
         self.sq = new_sq
+        self.adam_steps = t
         param.sub_(update)

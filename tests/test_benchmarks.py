@@ -1,0 +1,64 @@
+"""Smoke test of benchmarks/bench_speed.py: `--quick` runs end to end and prints every row.
+
+No timing assertions (CI machines are shared and noisy): only that each method produced a
+positive, finite ms-per-image-step figure and the sweep estimate lines are there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_speed.py"
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace("×", "").strip())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cv2") is None,
+                    reason="the notes' loop needs OpenCV (opencv-python-headless, in the dev extra)")
+def test_quick_bench_prints_every_method(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    has_lucent = importlib.util.find_spec("lucent") is not None
+    table = proc.stdout
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]))] = cells
+    expected = [("floor: truncated fwd + input grad", 1),
+                ("notes' loop (full fwd, cv2 blur, opt rebuilt)", 1),
+                ("Lucent render_vis (pixel param, no transforms)", 1),
+                ("featsweep run_batch, B=1", 1),
+                ("featsweep run_batch, batched (per-image hp)", 4),
+                ("floor: truncated fwd + input grad", 4)]
+    assert [k for k in expected if k not in rows] == [], table + proc.stderr
+    for key in expected:
+        cells = rows[key]
+        if key[0].startswith("Lucent") and not has_lucent:
+            assert cells[2].startswith("failed"), cells  # reported, not silently dropped
+            continue
+        ms = _number(cells[2])
+        assert math.isfinite(ms) and ms > 0, cells
+        ratio = _number(cells[4])
+        assert math.isfinite(ratio) and ratio > 0, cells
+        if has_lucent:
+            speedup = _number(cells[3])
+            assert math.isfinite(speedup) and speedup > 0, cells
+    assert proc.returncode == (0 if has_lucent else 1), proc.stderr
+    assert re.search(r"featsweep basic \(12 × B=1\): [\d.]+ (s|min|h)", table), table
+    assert "featsweep batched (one B=12 batch): not measured" in table  # --quick runs B=4 only
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["model"] == "tiny" and data["meta"]["torch"]
+    assert {r["method"] for r in data["rows"]} == {"floor", "notes", "lucent", "featsweep", "batched"}
