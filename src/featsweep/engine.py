@@ -72,15 +72,19 @@ def tune_cpu_allocator() -> None:
 
     With stock settings each step's large activations are mmap'ed and unmapped again, and page
     faults eat a core: batching on the CPU becomes slower than B = 1 (see DESIGN.md, Speed).
-    Same effect as MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=16 GiB, MALLOC_TOP_PAD_=1 GiB.
+    Same effect as MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=16 GiB, MALLOC_TOP_PAD_=1 GiB
+    and MALLOC_MMAP_MAX_=0.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4
         libc.mallopt(m_mmap_threshold, 32 * 2**20)
+        # 32 MiB is glibc's largest mmap threshold, and a batch of 64 images at 224 px is bigger:
+        # no mmap at all, or those tensors fault in their pages again every step.
+        libc.mallopt(m_mmap_max, 0)
         libc.mallopt(m_trim_threshold, 16 * 2**30)
         libc.mallopt(m_top_pad, 2**30)
     except (OSError, AttributeError):  # not glibc: nothing to tune

@@ -1,0 +1,47 @@
+"""The GPU study's one-line command (`experiment=claims_full`), run on the CPU at toy size.
+
+The study committed under docs/study/ ran on the CPU (`experiment=claims`); its GPU twin is
+`python -m featsweep experiment=claims_full device=cuda` then `python -m featsweep.analysis DIR`.
+No GPU is lent to every session, so this runs the same two commands with 2 steps at 32 px: every
+one of the 390 jobs completes, and each claim of the notes gets its 30 paired groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_claims_full_at_toy_size_gives_30_groups_per_claim(tmp_path: Path) -> None:
+    sweep = tmp_path / "full"
+    proc = run(["-m", "featsweep", "experiment=claims_full", "device=cpu", "steps=2",
+                "image.size=32", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Batched 390 jobs into 7 batch(es)" in proc.stdout + proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 390
+    statuses = {json.loads((j / "result.json").read_text())["status"] for j in jobs}
+    assert statuses == {"ok"}
+
+    proc = run(["-m", "featsweep.analysis", str(sweep)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    claims = pd.read_csv(sweep / "analysis" / "claims.csv")
+    # 3 seeds x 10 channels, and every claim of the notes is testable in this sweep.
+    assert len(claims) == 12
+    assert set(claims["n_groups"]) == {30}, claims[["claim", "n_groups"]]
+    runs = pd.read_csv(sweep / "analysis" / "runs.csv")
+    assert len(runs) == 390 and set(runs["image.size"]) == {32} and set(runs["steps"]) == {2}
