@@ -7,9 +7,7 @@ message on stderr, a non-zero exit and no traceback.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +17,18 @@ from PIL import Image
 
 from featsweep.metrics import image_stats
 
+from _cli import cli_env, run_module
+
 FILES = ("image.png", "before_blur.png", "image.npy", "trace.csv", "result.json")
 FAST = ("model=tiny", "image.size=32", "steps=5", "device=cpu")
 
 
 def cli(tmp_path: Path, *args: str, module: str = "featsweep", timeout: float = 300,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # torch keeps its default thread count here: the default run is the user's acceptance run.
+    full_env = cli_env(one_thread=False)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_module(module, *args, cwd=tmp_path, timeout=timeout, env=full_env)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:

@@ -14,23 +14,15 @@ that. Rows that need the model (layer, channel) load the tiny test model (a few 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from _cli import run_module
+
 SMALL = ["model=tiny", "device=cpu", "image.size=32", "steps=2"]
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
 
 
 @dataclass(frozen=True)
@@ -157,8 +149,9 @@ ROWS = {
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real 4-job sweep (tiny model, 32 px, 5 steps) for the analysis rows to damage copies of."""
     cwd = tmp_path_factory.mktemp("finished")
-    proc = run(["-m", "featsweep", "-m", *SMALL, "steps=5", "seed=0,1", "optimizer.weight_decay=0,0.1",
-                f"hydra.sweep.dir={cwd / 'sweep'}"], cwd)
+    proc = run_module("featsweep", "-m", *SMALL, "steps=5", "seed=0,1",
+                      "optimizer.weight_decay=0,0.1", f"hydra.sweep.dir={cwd / 'sweep'}",
+                      cwd=cwd, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return cwd / "sweep"
 
@@ -189,14 +182,15 @@ def test_bad_input_is_rejected_cleanly(name: str, tmp_path: Path,
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is visible here")
     if row.door == "app":
-        args = ["-m", "featsweep", *SMALL, *row.args, f"hydra.run.dir={tmp_path / 'run'}"]
+        module, args = "featsweep", [*SMALL, *row.args, f"hydra.run.dir={tmp_path / 'run'}"]
     elif row.door == "sweep":
-        args = ["-m", "featsweep", "-m", *SMALL, *row.args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        module = "featsweep"
+        args = ["-m", *SMALL, *row.args, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     else:
         if row.setup is not None:
             row.setup(tmp_path, request.getfixturevalue("finished_sweep"))
-        args = ["-m", "featsweep.analysis", *row.args]
-    proc = run(args, tmp_path)
+        module, args = "featsweep.analysis", [*row.args]
+    proc = run_module(module, *args, cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out, out[-3000:]
     if row.rc is None:

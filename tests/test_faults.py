@@ -29,6 +29,8 @@ from featsweep import app
 from featsweep.app import InterruptGuard
 from featsweep.artifacts import FILES, atomic_write
 
+from _cli import cli_env
+
 CONF = str(Path(featsweep.__file__).resolve().parent / "conf")
 
 
@@ -138,10 +140,9 @@ SWEEP = ["model=tiny", "device=cpu", "image.size=32", "optimizer=adam", "log_eve
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "featsweep", "-m", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "featsweep", "-m", *args], cwd=cwd,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def signal_when(proc: subprocess.Popen[str], ready: Any, sig: int = signal.SIGTERM,

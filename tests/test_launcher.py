@@ -17,9 +17,7 @@ import contextlib
 import csv
 import dataclasses
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +33,8 @@ from PIL import Image
 from pytest import mark, param
 
 from hydra_plugins.featsweep_batched_launcher import _core
+
+from _cli import run_module
 
 # ------------------------------------------------------------------------ Hydra's launcher suites
 
@@ -113,14 +113,7 @@ MIXED_TARGETS = ["target.relu=post,pre", "target.layer=block2,block3", "optimize
 
 def featsweep(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m featsweep -m ARGS`` run from `cwd` (outputs under `cwd/sweep`)."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    # One intra-op thread: on a small shared machine torch's default (one per core) can run
-    # these tiny steps 10-100x slower when the cores are busy. Numbers are compared between
-    # runs made the same way.
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "featsweep", "-m", *args, f"hydra.sweep.dir={cwd / 'sweep'}"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_module("featsweep", "-m", *args, f"hydra.sweep.dir={cwd / 'sweep'}", cwd=cwd)
 
 
 def check_ok(proc: subprocess.CompletedProcess[str]) -> str:

@@ -15,9 +15,7 @@ device name and hostname; the same config twice on the CPU gives a bit-identical
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +28,10 @@ from featsweep import app
 from featsweep.artifacts import FILES, completed, config_hash, git_commit, write_job
 from featsweep.engine import JobOutcome
 
+from _cli import run_module
+
 CONF = str(Path(featsweep.__file__).resolve().parent / "conf")
 SMALL = ["model=tiny", "device=cpu", "image.size=32", "steps=8", "optimizer=adam"]
-
-
-def featsweep_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "featsweep", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -119,13 +112,13 @@ def test_completed_needs_ok_the_same_hash_and_every_file(tmp_path: Path) -> None
 def test_batched_resume_skips_finished_jobs_and_reruns_the_rest(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     common = ["-m", *SMALL, "hydra.launcher.max_batch=2", f"hydra.sweep.dir={sweep}"]
-    ok(featsweep_cli(tmp_path, *common, "seed=0,1,2,3"))
+    ok(run_module("featsweep", *common, "seed=0,1,2,3", cwd=tmp_path))
     first = {i: mtimes(sweep / str(i)) for i in range(4)}
     images = {i: np.load(sweep / str(i) / "image.npy") for i in range(4)}
     assert all(result(sweep / str(i))["config_hash"] for i in range(4))
 
     # Nothing changed: nothing runs, nothing is touched (not even .hydra/ or the job log).
-    out = ok(featsweep_cli(tmp_path, *common, "seed=0,1,2,3", "resume=true"))
+    out = ok(run_module("featsweep", *common, "seed=0,1,2,3", "resume=true", cwd=tmp_path))
     assert "resume: 4 of 4 jobs already finished ok" in out
     assert "optimizing" not in out
     assert {i: mtimes(sweep / str(i)) for i in range(4)} == first
@@ -134,7 +127,7 @@ def test_batched_resume_skips_finished_jobs_and_reruns_the_rest(tmp_path: Path) 
     (sweep / "1" / "result.json").unlink()
     res2 = result(sweep / "2")
     (sweep / "2" / "result.json").write_text(json.dumps({**res2, "status": "interrupted"}))
-    out = ok(featsweep_cli(tmp_path, *common, "seed=0,1,2,7", "resume=true"))
+    out = ok(run_module("featsweep", *common, "seed=0,1,2,7", "resume=true", cwd=tmp_path))
     assert "resume: 1 of 4 jobs already finished ok" in out and "#0" in out
     assert "Batched 3 jobs into 2 batch(es)" in out
     assert mtimes(sweep / "0") == first[0]  # untouched
@@ -152,9 +145,9 @@ def test_batched_resume_skips_finished_jobs_and_reruns_the_rest(tmp_path: Path) 
 def test_basic_launcher_resume_checks_in_the_task(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     common = ["-m", *SMALL, "hydra/launcher=basic", f"hydra.sweep.dir={sweep}"]
-    ok(featsweep_cli(tmp_path, *common, "seed=0,1"))
+    ok(run_module("featsweep", *common, "seed=0,1", cwd=tmp_path))
     before = {i: mtimes(sweep / str(i)) for i in range(2)}
-    out = ok(featsweep_cli(tmp_path, *common, "seed=0,2", "resume=true"))
+    out = ok(run_module("featsweep", *common, "seed=0,2", "resume=true", cwd=tmp_path))
     assert "already finished ok for this config; skipped" in out
     after0 = mtimes(sweep / "0")
     for name in FILES:  # the job's own files; Hydra's run_job rewrote .hydra/ (its own)
@@ -168,7 +161,7 @@ def test_basic_launcher_resume_checks_in_the_task(tmp_path: Path) -> None:
 def test_same_config_twice_gives_the_same_image_and_a_full_record(tmp_path: Path) -> None:
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
-        ok(featsweep_cli(tmp_path, *SMALL, "blur.k=3", f"hydra.run.dir={run}"))
+        ok(run_module("featsweep", *SMALL, "blur.k=3", f"hydra.run.dir={run}", cwd=tmp_path))
     a, b = (np.load(run / "image.npy") for run in runs)
     assert a.dtype == np.float32 and np.array_equal(a, b)  # bit-identical
     ra, rb = (result(run) for run in runs)

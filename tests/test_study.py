@@ -9,27 +9,20 @@ one of the 390 jobs completes, and each claim of the notes gets its 30 paired gr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from _cli import run_module
+
 pytestmark = pytest.mark.slow
-
-
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
 
 
 def test_claims_full_at_toy_size_gives_30_groups_per_claim(tmp_path: Path) -> None:
     sweep = tmp_path / "full"
-    proc = run(["-m", "featsweep", "experiment=claims_full", "device=cpu", "steps=2",
-                "image.size=32", f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_module("featsweep", "experiment=claims_full", "device=cpu", "steps=2",
+                      "image.size=32", f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Batched 390 jobs into 7 batch(es)" in proc.stdout + proc.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -37,7 +30,7 @@ def test_claims_full_at_toy_size_gives_30_groups_per_claim(tmp_path: Path) -> No
     statuses = {json.loads((j / "result.json").read_text())["status"] for j in jobs}
     assert statuses == {"ok"}
 
-    proc = run(["-m", "featsweep.analysis", str(sweep)], tmp_path)
+    proc = run_module("featsweep.analysis", str(sweep), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     claims = pd.read_csv(sweep / "analysis" / "claims.csv")
     # 3 seeds x 10 channels, and every claim of the notes is testable in this sweep.

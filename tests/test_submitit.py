@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,15 @@ from featsweep.errors import ConfigError
 from hydra_plugins.featsweep_batched_launcher import _core
 from hydra_plugins.featsweep_batched_launcher.batched_launcher import BatchedLauncher
 
+from _cli import run_module
+
 CONF = str(Path(featsweep.__file__).resolve().parent / "conf")
 SWEEP = ["model=tiny", "device=cpu", "image.size=32", "steps=5", "optimizer=adam",
          "seed=0,1", "optimizer.weight_decay=0,0.1"]
 
 
 def featsweep_m(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "featsweep", "-m", *args, f"hydra.sweep.dir={cwd / 'sweep'}"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_module("featsweep", "-m", *args, f"hydra.sweep.dir={cwd / 'sweep'}", cwd=cwd)
 
 
 def check_four_ok_jobs(sweep: Path) -> list[dict[str, Any]]:
