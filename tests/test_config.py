@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.singleton import Singleton
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,8 +25,14 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def hydra_conf() -> Iterator[None]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield
+    # Restore Hydra's singletons (version base included) after the module, not only after each
+    # test: the per-test restore would otherwise put back the state this fixture created.
+    state = Singleton.get_state()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            yield
+    finally:
+        Singleton.set_state(state)
 
 
 def compose_cfg(*overrides: str, hydra: bool = False) -> DictConfig:

@@ -194,8 +194,10 @@ def task(cfg: DictConfig) -> dict[str, Any]:
     if done is not None:
         log.info("resume: %s already finished ok for this config; skipped", job_dir())
         return done
+    from featsweep.artifacts import clear_job
     from featsweep.engine import run_batch
 
+    clear_job(job_dir())  # a rerun (resume of a changed or unfinished job) starts clean
     sweep_dir = _sweep_dir()
     with InterruptGuard(sweep_dir) as guard:
         try:

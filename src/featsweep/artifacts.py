@@ -87,10 +87,19 @@ def write_result(job_dir: Path, result: dict[str, Any]) -> None:
                  lambda f: f.write((json.dumps(result, indent=2, allow_nan=False) + "\n").encode()))
 
 
+def clear_job(job_dir: Path) -> None:
+    """Remove a previous run's files before a job (re)runs: result.json first, so that no old
+    result ever sits beside new images or a new config (collect then reports the job as running
+    or incomplete until the new result.json lands)."""
+    for name in reversed(FILES):  # RESULT is last in FILES: removed first
+        (Path(job_dir) / name).unlink(missing_ok=True)
+
+
 def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None = None) -> dict:
     """Write the five files of one job into `job_dir`; result.json last (it marks completion)."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / RESULT).unlink(missing_ok=True)  # an old result never describes the new files
     atomic_write(job_dir / "image.png", _png(stretch(outcome.optimized)))
     atomic_write(job_dir / "before_blur.png", _png(stretch(outcome.before_blur)))
     atomic_write(job_dir / "image.npy", lambda f: np.save(f, outcome.pixels.astype(np.float32)))
@@ -120,7 +129,9 @@ def write_failure(job_dir: Path, error: str, extra: dict[str, Any] | None = None
     """Record a job that raised: result.json with status "failed" and the error text."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    result = {"status": "failed", "activation": None, "steps": 0, "error": error, **(extra or {})}
+    clear_job(job_dir)  # a previous run's images must not be analysed as this failure's
+    result = {"status": "failed", "activation": None, "steps": 0, "seconds": None, "device": None,
+              "error": error, **(extra or {})}
     write_result(job_dir, result)
     return result
 

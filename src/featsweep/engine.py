@@ -29,9 +29,10 @@ from featsweep import __version__
 from featsweep.blur import batch_kernels, blur_batch
 from featsweep.errors import config_error
 from featsweep.models import build_model
-from featsweep.optim import BatchedOptimizer
+from featsweep.optim import BatchedOptimizer, batch_column
 from featsweep.spec import MODELS, RunSpec
-from featsweep.targets import ChannelObjective, LayerReader, check_targets, probe_layers
+from featsweep.targets import (ChannelObjective, LayerReader, check_targets, has_pre_relu,
+                               probe_layers)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,9 @@ def validate(specs: Sequence[RunSpec]) -> None:
     """Every check that needs the model, before any optimization: raises ConfigError."""
     for spec in specs:
         device = resolve_device(spec.device)
+        if spec.precision == "bf16" and device.type != "cuda":
+            raise config_error("precision", "bf16", f"bf16 autocast runs on CUDA only and this "
+                               f"job runs on {device.type}; use precision=fp32")
         model, layers = load_network(spec, device)
         check_targets(model, layers, [(spec.target.layer, spec.target.relu, spec.target.channel)],
                       spec.model.name)
@@ -130,9 +134,12 @@ def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch
     if key in _PRE_OK:
         return
     size = max(MODELS[spec.model.name].min_size, 64)
-    with torch.no_grad():
-        LayerReader(model, [(spec.target.layer, "pre")], [i.name for i in layers])(
-            torch.zeros(1, 3, size, size, device=device))
+    if not has_pre_relu(model, [i.name for i in layers], spec.target.layer, size, device):
+        raise config_error(
+            "target.relu", "pre", f"the output of layer {spec.target.layer} is not produced by a "
+            "ReLU (nor a concatenation of ReLU outputs), so it has no pre-ReLU form; use "
+            "target.relu=post, or target a layer that ends in a ReLU (python -m featsweep.layers "
+            f"model={spec.model.name} marks them)")
     _PRE_OK.add(key)
 
 
@@ -218,7 +225,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
     opt = BatchedOptimizer.create([s.optimizer for s in specs], param)
 
     def col(values: Sequence[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        return batch_column(values, device)
 
     # Clamp bounds per image, in each image's clamp space (±inf where clamping is off).
     lo = col([s.regularizer.clamp_range[0] if s.regularizer.clamp else -math.inf for s in specs])
@@ -255,10 +262,8 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
          f"({len({t for t in targets})} target(s), deepest layer {reader.deepest})")
 
     done = 0
-    interrupted = False
     for t in range(max_steps):
         if should_stop is not None and should_stop():
-            interrupted = True
             break
         x = param.detach().requires_grad_(True)
         with autocast:
@@ -288,8 +293,6 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
     trace_np = trace.cpu().numpy().astype(np.float64)
     final_np = final.float().cpu().numpy().astype(np.float64)
     diverged_np = diverged_at.cpu().numpy()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     pixels = param * std + mean if normalized else param
     before_blur = torch.where(blur_on, before_blur, param) if kernels is not None else param
 
@@ -317,9 +320,6 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
             seconds=seconds,
             device=_device_name(device),
             diverged_at=bad,
-            info={"layer": spec.target.layer, "image_size": spec.image.size,
-                  "batch_size": batch, "featsweep_version": __version__,
-                  "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
-                  "interrupted": interrupted},
+            info={"layer": spec.target.layer, "image_size": spec.image.size, "batch_size": batch},
         ))
     return outcomes

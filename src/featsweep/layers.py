@@ -16,7 +16,7 @@ import torch
 from featsweep.errors import UserError, config_error
 from featsweep.models import build_model
 from featsweep.spec import MODELS, ModelSpec
-from featsweep.targets import LayerReader, probe_layers
+from featsweep.targets import has_pre_relu, probe_layers
 
 USAGE = ("usage: python -m featsweep.layers model=NAME [image.size=N] [--all]\n"
          f"  NAME: {', '.join(MODELS)}; --all also lists non-convolutional modules")
@@ -39,15 +39,6 @@ def _parse(argv: Sequence[str]) -> tuple[str, int | None, bool]:
     return model, size, show_all
 
 
-def ends_in_relu(model: torch.nn.Module, order: list[str], layer: str, size: int) -> bool:
-    """Whether `layer`'s output is made of ReLU outputs (so a pre-ReLU target exists)."""
-    try:
-        LayerReader(model, [(layer, "pre")], order)(torch.zeros(1, 3, size, size))
-    except UserError:
-        return False
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         name, size, show_all = _parse(sys.argv[1:] if argv is None else argv)
@@ -56,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     info = MODELS[name]
     size = size or info.default_size
+    if size < info.min_size:
+        print(config_error("image.size", size, f"{name} needs images of at least {info.min_size} px"),
+              file=sys.stderr)
+        return 2
     model = build_model(ModelSpec(name, "random"))
     layers = probe_layers(model, size)
     order = [i.name for i in layers]
@@ -69,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             channels = layer.shape[0] if len(layer.shape) == 3 else "-"
             hw = f"{layer.shape[1]}x{layer.shape[2]}" if len(layer.shape) == 3 else str(layer.shape)
-            relu = "pre" if conv_map and ends_in_relu(model, order, layer.name, size) else ""
+            relu = "pre" if conv_map and has_pre_relu(model, order, layer.name, size) else ""
             shared = f" (runs {layer.calls}x: not targetable)" if layer.calls > 1 else ""
             print(f"{layer.name:<40} {layer.kind:<24} {channels:>8} {hw:>9}  {relu}{shared}")
     return 0

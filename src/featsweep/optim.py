@@ -6,7 +6,7 @@ flag, betas, eps and weight decay, as (B,) tensors. The update for image i equal
 gradient, ``maximize=False``) would do to that image alone. featsweep maximizes by descending the
 negated objective, so the gradient passed in is already that of the loss.
 
-No host syncs: everything stays on the device; the step counter is a Python int.
+No host syncs: everything stays on the device, per-image step counts included.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from featsweep.spec import OptimizerSpec
 
 
-def _col(values: Sequence[float], device: torch.device | str,
+def batch_column(values: Sequence[float], device: torch.device | str,
          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B,) values -> (B, 1, 1, 1) column (float32 unless `dtype`) that broadcasts over a batch."""
     return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
@@ -42,7 +42,6 @@ class BatchedOptimizer:
     adam_steps: torch.Tensor  # (B,1,1,1) float64, updates each image has taken (bias correction)
     buf: torch.Tensor  # SGD momentum buffer / Adam first moment, like the parameter
     sq: torch.Tensor  # Adam second moment, like the parameter
-    step_count: int = 0
     any_adam: bool = False
     any_sgd: bool = False
 
@@ -54,16 +53,16 @@ class BatchedOptimizer:
         dev = param.device
         is_adam = [s.name == "adam" for s in specs]
         return cls(
-            is_adam=_col(is_adam, dev).bool(),
-            lr=_col([s.lr for s in specs], dev),
-            momentum=_col([s.momentum for s in specs], dev),
-            nesterov=_col([s.nesterov for s in specs], dev).bool(),
-            beta1=_col([s.betas[0] for s in specs], dev),
-            beta2=_col([s.betas[1] for s in specs], dev),
-            eps=_col([s.eps for s in specs], dev),
-            weight_decay=_col([s.weight_decay for s in specs], dev),
-            beta1_64=_col([s.betas[0] for s in specs], dev, torch.float64),
-            beta2_64=_col([s.betas[1] for s in specs], dev, torch.float64),
+            is_adam=batch_column(is_adam, dev).bool(),
+            lr=batch_column([s.lr for s in specs], dev),
+            momentum=batch_column([s.momentum for s in specs], dev),
+            nesterov=batch_column([s.nesterov for s in specs], dev).bool(),
+            beta1=batch_column([s.betas[0] for s in specs], dev),
+            beta2=batch_column([s.betas[1] for s in specs], dev),
+            eps=batch_column([s.eps for s in specs], dev),
+            weight_decay=batch_column([s.weight_decay for s in specs], dev),
+            beta1_64=batch_column([s.betas[0] for s in specs], dev, torch.float64),
+            beta2_64=batch_column([s.betas[1] for s in specs], dev, torch.float64),
             adam_steps=torch.zeros(len(specs), 1, 1, 1, dtype=torch.float64, device=dev),
             buf=torch.zeros_like(param),
             sq=torch.zeros_like(param),
@@ -77,7 +76,6 @@ class BatchedOptimizer:
 
         active: optional (B,1,1,1) bool; inactive images (diverged) keep their parameter and state.
         """
-        self.step_count += 1
         # Each image's own step count: a frozen image's bias correction resumes where it stopped.
         t = self.adam_steps + (1 if active is None else active.to(torch.float64))
         d_p = grad.addcmul(param, self.weight_decay)  # grad + wd * param, as torch.optim does
@@ -101,7 +99,7 @@ class BatchedOptimizer:
             adam_dir = (self.lr / bias1) * new_buf / denom
             update = torch.where(self.is_adam, adam_dir, update)
         if active is not None:
-            update = update * active
+            update = torch.where(active, update, torch.zeros_like(update))  # inf * 0 would be NaN
             new_buf = torch.where(active, new_buf, self.buf)
             new_sq = torch.where(active, new_sq, self.sq)
         self.buf = new_buf

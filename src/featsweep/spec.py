@@ -238,6 +238,9 @@ def from_config(cfg: Mapping[str, Any]) -> RunSpec:
         raise config_error("image.size", size, f"{model_name} needs images of at least "
                            f"{info.min_size} px")
     image = ImageSpec(size, space)
+    if blur.kind != "none" and k // 2 >= size:
+        raise config_error("blur.k", k, f"the kernel must fit the image: blur.k // 2 must be < "
+                           f"image.size ({size})")
 
     return RunSpec(
         model=model, target=target, optimizer=optimizer, regularizer=regularizer, blur=blur,

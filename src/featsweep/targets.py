@@ -204,6 +204,18 @@ class LayerReader:
         return found
 
 
+def has_pre_relu(model: nn.Module, order: Sequence[str], layer: str, size: int,
+                 device: torch.device | str = "cpu") -> bool:
+    """Whether `layer`'s output is made of ReLU outputs (so a pre-ReLU target exists): one
+    truncated forward of a zero image at `size`×`size`."""
+    try:
+        with torch.no_grad():
+            LayerReader(model, [(layer, "pre")], order)(torch.zeros(1, 3, size, size, device=device))
+    except ConfigError:
+        return False
+    return True
+
+
 class ChannelObjective:
     """Per-image objective: the mean of image i's channel in image i's target.
 
@@ -235,5 +247,5 @@ class ChannelObjective:
         return out
 
 
-__all__ = ["ConfigError", "LayerInfo", "LayerReader", "Target", "ChannelObjective", "check_targets",
-           "probe_layers"]
+__all__ = ["ChannelObjective", "ConfigError", "LayerInfo", "LayerReader", "Target", "check_targets",
+           "has_pre_relu", "probe_layers"]

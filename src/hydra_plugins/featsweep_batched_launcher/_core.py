@@ -203,7 +203,7 @@ def _prepare(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[_Job]:
             if launcher.backend != "local":
                 # Layers and channels are checked here on the CPU (the GPU may live on the
                 # cluster only); the device itself is checked inside the task.
-                spec = dataclasses.replace(spec, device="cpu")
+                spec = dataclasses.replace(spec, device="cpu", precision="fp32")
             try:
                 validate([spec])
             except UserError as exc:
@@ -269,6 +269,7 @@ def _run_here(launcher: "BatchedLauncher", batches: list[list[_Job]]) -> dict[in
     """backend=local: the batches one after another in this process, each job written as soon
     as its batch ends. SIGINT/SIGTERM: see the module docstring."""
     from featsweep.app import InterruptGuard
+    from featsweep.artifacts import clear_job
 
     returns: dict[int, JobReturn] = {}
     not_started = 0
@@ -278,9 +279,12 @@ def _run_here(launcher: "BatchedLauncher", batches: list[list[_Job]]) -> dict[in
                 not_started += len(batch)
                 continue
             log.info(f"Batch {n}/{len(batches)}: {len(batch)} job(s) as one batch")
+            for job in batch:  # a rerun never leaves an old result.json beside new work
+                clear_job(_output_dir(job.config))
             _optimize(batch, guard.requested)
             for job in batch:
                 returns[job.idx] = _run(launcher, job, _writer(job))
+                job.outcome = None  # written: don't hold its images and trace for the whole sweep
     _raise_if_interrupted(launcher, guard.signame, returns, not_started)
     return returns
 
@@ -331,34 +335,44 @@ def _groups(jobs: Sequence[_Job], max_batch: int) -> list[list[_Job]]:
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5: cuda's
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
 def _optimize(batch: list[_Job], should_stop: Callable[[], bool] | None = None) -> None:
     """Fill each job's outcome (or error). A batch that fails is split and retried, so one bad
     job (or an out-of-memory batch) costs only itself. `should_stop` is the engine's
     interruption flag (the running images end as "interrupted")."""
+    import traceback
+
     from featsweep.engine import run_batch
 
     try:
         outcomes = run_batch([j.spec for j in batch], should_stop=should_stop)
     except Exception as exc:  # isolate: retry smaller, never lose the group
-        if len(batch) == 1:
-            batch[0].error = exc
-            log.error(f"job #{batch[0].idx} failed: {exc!r}")
-            return
-        if _is_oom(exc):
-            import torch
-
-            torch.cuda.empty_cache()
-        half = len(batch) // 2
-        log.warning(f"batch of {len(batch)} failed ({type(exc).__name__}: {exc}); "
-                    f"retrying as {half} + {len(batch) - half}")
-        _optimize(batch[:half], should_stop)
-        _optimize(batch[half:], should_stop)
+        # The traceback's frames hold the failed batch's tensors (images, optimizer state,
+        # activations): drop them, or the retry (and the rest of the sweep) runs without that
+        # memory. The exception keeps its type and message.
+        traceback.clear_frames(exc.__traceback__)
+        failure = exc
+    else:
+        for job, outcome in zip(batch, outcomes):
+            job.outcome = outcome
         return
-    for job, outcome in zip(batch, outcomes):
-        job.outcome = outcome
+    # Outside the except block, so nothing of the failed run is referenced any more.
+    if len(batch) == 1:
+        batch[0].error = failure
+        log.error(f"job #{batch[0].idx} failed: {failure!r}")
+        return
+    if _is_oom(failure):
+        import torch
+
+        torch.cuda.empty_cache()
+    half = len(batch) // 2
+    log.warning(f"batch of {len(batch)} failed ({type(failure).__name__}: {failure}); "
+                f"retrying as {half} + {len(batch) - half}")
+    _optimize(batch[:half], should_stop)
+    _optimize(batch[half:], should_stop)
 
 
 def _writer(job: _Job) -> Callable[[DictConfig], Any]:
