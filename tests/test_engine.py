@@ -330,6 +330,12 @@ class TestClampAndBlur:
 
 
 class TestErrors:
+    def test_bf16_on_the_cpu_is_a_config_error(self) -> None:
+        from featsweep.engine import validate
+
+        with pytest.raises(ConfigError, match=r"precision='bf16'.*CUDA only"):
+            validate([spec(precision="bf16")])
+
     def test_validate_rejects_pre_without_relu(self) -> None:
         from featsweep.engine import validate
 
@@ -351,3 +357,16 @@ class TestErrors:
         with pytest.raises(ConfigError, match="block2 has 32 channels"):
             run(spec(**{"target.layer": "block2", "target.channel": 32}))
 
+
+
+class TestRerunFiles:
+    def test_failure_clears_a_previous_runs_files(self, tmp_path) -> None:
+        """A job that fails on a rerun must not keep the earlier run's images or ok result."""
+        from featsweep.artifacts import FILES, read_result, write_failure, write_job
+
+        (outcome,) = run(spec(steps=3))
+        write_job(tmp_path, outcome)
+        assert all((tmp_path / name).is_file() for name in FILES)
+        write_failure(tmp_path, "RuntimeError: boom")
+        assert read_result(tmp_path)["status"] == "failed"
+        assert [name for name in FILES if (tmp_path / name).exists()] == ["result.json"]

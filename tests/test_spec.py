@@ -142,6 +142,8 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("seed string", {"seed": "zero"}, ["seed='zero'", "an integer"]),
     ("log_every zero", {"log_every": 0}, ["log_every=0", ">= 1"]),
     ("precision unknown", {"precision": "fp16"}, ["precision='fp16'", "fp32, bf16"]),
+    ("blur kernel wider than the image", {"image.size": 16, "blur.k": 33},
+     ["blur.k=33", "must fit the image", "image.size (16)"]),
 ]
 
 
