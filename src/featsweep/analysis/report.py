@@ -35,6 +35,8 @@ from featsweep.analysis.claims import (
     RESULT_COLUMNS,
     Claim,
     ClaimsError,
+    _canon,
+    _show,
     evaluate,
     group_table,
     load_claims,
@@ -45,6 +47,8 @@ from featsweep.analysis.claims import (
 from featsweep.analysis.collect import TRACE_COLUMNS, collect, read_trace
 from featsweep.analysis.columns import config_columns
 from featsweep.metrics import METRICS
+
+NULL = _canon(None)  # how a missing value reads after _canon
 
 __all__ = [
     "CLAIMS_COLUMNS",
@@ -128,35 +132,6 @@ def _write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _canon(value: Any) -> tuple | None:
-    """Sortable, comparable form of a factor value: YAML, overrides and pandas spell alike."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return ("b", bool(value))
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return None if math.isnan(float(value)) else ("n", float(value))
-    text = str(value).strip()
-    if text.lower() in ("true", "false"):
-        return ("b", text.lower() == "true")
-    if text.lower() in ("null", "none", "nan", ""):
-        return None
-    try:
-        return ("n", float(text))
-    except ValueError:
-        return ("s", text)
-
-
-def _show(canon: tuple | None) -> str:
-    if canon is None:
-        return "null"
-    if canon[0] == "b":
-        return "true" if canon[1] else "false"
-    if canon[0] == "n":
-        return f"{canon[1]:g}"
-    return str(canon[1])
-
-
 # --------------------------------------------------------------------------------------------
 # Swept factors (from the jobs' Hydra overrides)
 
@@ -192,7 +167,7 @@ def swept_factors(df: pd.DataFrame) -> dict[str, list[str]]:
         if len(distinct) < 2:
             continue
         canon = [_canon(v) for v in distinct]
-        if all(c is not None and c[0] == "n" for c in canon):
+        if all(c[0] == "num" for c in canon):
             distinct = [v for _, v in sorted(zip(canon, distinct), key=lambda cv: cv[0][1])]
         out[key] = distinct
     return out
@@ -414,7 +389,7 @@ def _not_in_sweep(df: pd.DataFrame, claim: Claim) -> str | None:
         wanted = "; ".join(f"{c} in [{', '.join(_show(_canon(v)) for v in a)}]"
                            for c, a in claim.filters.items())
         return f"no job has {wanted}"
-    present = sorted({c for c in (_canon(v) for v in rows[claim.factor]) if c is not None},
+    present = sorted({c for c in (_canon(v) for v in rows[claim.factor]) if c != NULL},
                      key=lambda c: (c[0], c[1]))
     shown = ", ".join(_show(c) for c in present) or "none"
     if claim.levels is not None:
@@ -518,7 +493,7 @@ def claim_figure(df: pd.DataFrame, claim: Claim, result: Mapping[str, Any] | Non
     if claim.levels is not None:
         order = [_canon(claim.levels[0]), _canon(claim.levels[1])]
     else:
-        order = sorted({c for c in (_canon(v) for v in rows[claim.factor]) if c is not None},
+        order = sorted({c for c in (_canon(v) for v in rows[claim.factor]) if c != NULL},
                        key=lambda c: (c[0], c[1]))
     position = {c: i for i, c in enumerate(order)}
     if not rows.empty:
