@@ -17,21 +17,24 @@ Per group the statistic is
   because a group is usually one job per level: with two levels ρ is then the sign of the paired
   difference, and the bootstrap over groups does the rest.
 
-The claim's statistic is the mean over groups, with a 95 % studentized bootstrap CI that resamples
+The claim's statistic is the mean over groups, with a 95 % (expanded percentile) bootstrap CI that resamples
 groups (jobs within a group are not independent, groups are). The verdict reads the CI against 0.
 The bootstrap RNG is seeded from ``seed`` and the claim's name, so a claim's result does not depend
 on which other claims are evaluated with it, nor on the order of the table's rows.
 
-Calibration: a percentile bootstrap of a mean is liberal with few groups (8–11 % false verdicts
-at 9 groups on pure noise, against the nominal 5 %), so the CI is studentized (bootstrap-t), which
-stays near 5 %; tests/test_claims.py measures it. Below ``min_groups`` groups the verdict is
-always ``inconclusive``: with one or two groups no interval means much.
+Calibration: a plain percentile bootstrap of a mean is liberal with few groups (8–11 % false
+verdicts at 9 groups on pure noise, against the nominal 5 %), so the CI is the expanded percentile
+interval (see ``_bootstrap_ci``), which stays near 5 % from 8 groups on (5.8 % at 8, 5.0 % at 10,
+measured on 1,000 pure-noise trials); with 3–5 groups resampling cannot see past the sample's own
+range (25 % false verdicts at 3). So below ``min_groups`` = 8 groups, DESIGN.md's minimum, the
+verdict is always ``inconclusive``.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+from statistics import NormalDist
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,7 +66,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
 )
 GROUP_TABLE_COLUMNS: tuple[str, ...] = ("group", "statistic", "effect", "n_jobs")
 CI_LEVEL = 0.95
-MIN_GROUPS = 3  # see the module docstring: fewer groups give a CI of [min, max]
+MIN_GROUPS = 8  # DESIGN: >= 8 paired groups; fewer make any bootstrap CI unreliable (module docstring)
 ALL_GROUP = "all"  # group key when no config column varies besides the factor
 
 
@@ -551,27 +554,47 @@ def group_table(df: pd.DataFrame, claim: Claim, *, group_columns: Sequence[str] 
 # Statistic, CI, verdict
 
 
-def _bootstrap_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    """95 % studentized (bootstrap-t) CI of the mean, resampling ``values`` (one per group).
+def _t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (p > 0.5), by bisection on the CDF integrated from the density.
 
-    The percentile bootstrap is liberal with the 8–30 groups a study has (it ignores that the
-    spread itself is estimated); bootstrap-t resamples the t statistic instead, which keeps the
-    false-verdict rate near the nominal 5 % down to a handful of groups. Resamples that drew one
-    group only (zero spread) give an infinite t and widen the interval, as they should.
+    numpy/math only: the runtime does not depend on scipy (tests compare with scipy.stats.t).
+    """
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 4001)
+        pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid * grid / df))
+        return 0.5 + float(np.sum((pdf[1:] + pdf[:-1]) * np.diff(grid)) / 2)
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def _bootstrap_ci(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95 % bootstrap CI of the mean, resampling ``values`` (one per group): the *expanded*
+    percentile interval (Hesterberg 2015).
+
+    The plain percentile bootstrap is liberal with the 8–30 groups a study has (8–11 % false
+    verdicts at 9 groups on pure noise, against the nominal 5 %): it ignores that the spread is
+    itself estimated. The expanded interval reads the resampled means at the tail level
+    alpha' = Phi(-sqrt(n / (n - 1)) * t_{n-1, 1 - alpha/2}) instead of alpha/2, which restores the
+    t interval's width and stays near 5 %. Unlike bootstrap-t it stays finite when many groups
+    agree exactly (e.g. Spearman rho = -1 in most groups).
     """
     n = values.size
-    mean = float(values.mean())
-    se = float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.inf
-    if not math.isfinite(se) or se == 0.0:
-        return (mean, mean) if se == 0.0 else (-math.inf, math.inf)
-    draws = values[rng.integers(0, n, size=(n_boot, n))]
-    boot_se = draws.std(axis=1, ddof=1) / math.sqrt(n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (draws.mean(axis=1) - mean) / boot_se
-    t = np.where(np.isnan(t), 0.0, t)  # 0/0: a resample equal to the sample mean everywhere
+    if n < 2:
+        return (-math.inf, math.inf)
     alpha = (1.0 - CI_LEVEL) / 2.0
-    t_low, t_high = np.quantile(t, [alpha, 1.0 - alpha], method="inverted_cdf")  # no inf - inf
-    return float(mean - t_high * se), float(mean - t_low * se)
+    widened = -math.sqrt(n / (n - 1)) * _t_quantile(1.0 - alpha, n - 1)
+    tail = NormalDist().cdf(widened)
+    means = values[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def _verdict(direction: str, low: float, high: float, n_groups: int, min_groups: int) -> str:
