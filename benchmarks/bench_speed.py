@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "host": platform.node(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "allocator": ("glibc tuned for every method via featsweep.engine.tune_cpu_allocator() "
-                      "(mmap threshold 32 MiB, trim threshold 16 GiB, top pad 1 GiB)"),
+                      "(mmap threshold 32 MiB, trim threshold 16 GiB, top pad 1 GiB, no mmap)"),
         "cudnn": ("cudnn.benchmark on for every method; floor and featsweep channels-last."
                   if device.type == "cuda" else ""),
         "argv": sys.argv[1:] if argv is None else argv,
