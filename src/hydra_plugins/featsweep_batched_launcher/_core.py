@@ -269,7 +269,6 @@ def _run_here(launcher: "BatchedLauncher", batches: list[list[_Job]]) -> dict[in
     """backend=local: the batches one after another in this process, each job written as soon
     as its batch ends. SIGINT/SIGTERM: see the module docstring."""
     from featsweep.app import InterruptGuard
-    from featsweep.artifacts import clear_job
 
     returns: dict[int, JobReturn] = {}
     not_started = 0
@@ -279,13 +278,28 @@ def _run_here(launcher: "BatchedLauncher", batches: list[list[_Job]]) -> dict[in
                 not_started += len(batch)
                 continue
             log.info(f"Batch {n}/{len(batches)}: {len(batch)} job(s) as one batch")
-            for job in batch:  # a rerun never leaves an old result.json beside new work
-                clear_job(_output_dir(job.config))
-            _optimize(batch, guard.requested)
-            for job in batch:
-                returns[job.idx] = _run(launcher, job, _writer(job))
-                job.outcome = None  # written: don't hold its images and trace for the whole sweep
+            for job, ret in zip(batch, _run_batch(launcher, batch, guard.requested)):
+                returns[job.idx] = ret
     _raise_if_interrupted(launcher, guard.signame, returns, not_started)
+    return returns
+
+
+def _run_batch(launcher: "BatchedLauncher", jobs: list[_Job],
+               should_stop: Callable[[], bool]) -> list[JobReturn]:
+    """One batch, start to finish, wherever it runs (here or inside a submitit task): clear the
+    jobs' previous files, optimize the jobs that have no error as one engine batch, then
+    run_job each job with its writer. Returns the JobReturns in the jobs' order."""
+    from featsweep.artifacts import clear_job
+
+    ready = [job for job in jobs if job.error is None]
+    for job in ready:  # a rerun never leaves an old result.json beside new work
+        clear_job(_output_dir(job.config))
+    if ready:
+        _optimize(ready, should_stop)
+    returns = []
+    for job in jobs:
+        returns.append(_run(launcher, job, _writer(job)))
+        job.outcome = None  # written: don't hold its images and trace for the whole sweep
     return returns
 
 
@@ -429,12 +443,9 @@ class GroupTask:
                 except Exception as exc:  # checked before submission; kept to itself anyway
                     job.error = exc
                 jobs.append(job)
-            ready = [job for job in jobs if job.error is None]
-            log.info(f"submitit task {job_id}: {len(ready)} job(s) as one batch: "
-                     + " ".join(f"#{j.idx}" for j in jobs))
-            if ready:
-                _optimize(ready, guard.requested)
-            return [_run(launcher, job, _writer(job)) for job in jobs]
+            log.info(f"submitit task {job_id}: {sum(j.error is None for j in jobs)} job(s) as one "
+                     "batch: " + " ".join(f"#{j.idx}" for j in jobs))
+            return _run_batch(launcher, jobs, guard.requested)
 
 
 def _executor(launcher: "BatchedLauncher") -> Any:
@@ -523,8 +534,7 @@ def _submit(launcher: "BatchedLauncher", batches: list[list[_Job]]) -> dict[int,
             continue
         for job, ret in zip(batch, task_returns):
             returns[job.idx] = ret
-    if guard.requested():
-        # Jobs of cancelled tasks have no JobReturn; the sweep ends here anyway.
-        _raise_if_interrupted(launcher, guard.signame, returns, not_started)
-    _raise_if_interrupted(launcher, None, returns, 0)
+    # After a signal here (jobs of cancelled tasks have no JobReturn: the sweep ends), or when a
+    # task wrote its jobs as interrupted (a signal sent to the task itself).
+    _raise_if_interrupted(launcher, guard.signame, returns, not_started)
     return returns
