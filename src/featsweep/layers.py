@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import torch
-
 from featsweep.errors import UserError, config_error
 from featsweep.models import build_model
 from featsweep.spec import MODELS, ModelSpec
@@ -57,16 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{name} at {size}x{size} px (default layer {info.default_layer}); "
           "relu: 'pre' = target.relu=pre is available")
     print(f"{'layer':<40} {'kind':<24} {'channels':>8} {'output':>9}  relu")
-    with torch.no_grad():
-        for layer in layers:
-            conv_map = len(layer.shape) == 3 and layer.calls == 1
-            if not (conv_map or show_all):
-                continue
-            channels = layer.shape[0] if len(layer.shape) == 3 else "-"
-            hw = f"{layer.shape[1]}x{layer.shape[2]}" if len(layer.shape) == 3 else str(layer.shape)
-            relu = "pre" if conv_map and has_pre_relu(model, order, layer.name, size) else ""
-            shared = f" (runs {layer.calls}x: not targetable)" if layer.calls > 1 else ""
-            print(f"{layer.name:<40} {layer.kind:<24} {channels:>8} {hw:>9}  {relu}{shared}")
+    for layer in layers:
+        conv_map = len(layer.shape) == 3 and layer.calls == 1
+        if not (conv_map or show_all):
+            continue
+        channels = layer.shape[0] if len(layer.shape) == 3 else "-"
+        hw = f"{layer.shape[1]}x{layer.shape[2]}" if len(layer.shape) == 3 else str(layer.shape)
+        relu = "pre" if conv_map and has_pre_relu(model, order, layer.name, size) else ""
+        shared = f" (runs {layer.calls}x: not targetable)" if layer.calls > 1 else ""
+        print(f"{layer.name:<40} {layer.kind:<24} {channels:>8} {hw:>9}  {relu}{shared}")
     return 0
 
 
