@@ -436,6 +436,14 @@ def _metrics(jobs: list[_Job]) -> list[dict[str, float]]:
     return values
 
 
+def job_metrics(job_dir: str | Path) -> dict[str, float]:
+    """``display.<metric>`` and ``raw.<metric>`` of one job directory: the numbers :func:`collect`
+    puts in that job's row (NaN where it would), through the same per-job cache. Used by
+    ``featsweep.search`` for ``optimized_metric``; never raises for a broken file (NaN)."""
+    job = _Job(path=Path(job_dir), row={}, config={}, choices={}, result={})
+    return _metrics([job])[0]
+
+
 # --------------------------------------------------------------------------------------------
 # The table
 
