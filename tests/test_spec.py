@@ -34,7 +34,7 @@ def with_(**changes: Any) -> dict[str, Any]:
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node[p]
+            node = node.setdefault(p, {})
         node[leaf] = value
     return cfg
 
@@ -90,8 +90,6 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("blur.k even", {"blur.k": 4}, ["blur.k=4", "odd", ">= 1"]),
     ("blur.k zero", {"blur.k": 0}, ["blur.k=0", "odd", ">= 1"]),
     ("blur.k negative", {"blur.k": -3}, ["blur.k=-3", "odd"]),
-    ("blur.k with kind none", {"blur.kind": "none", "blur.k": 3},
-     ["blur.k=3", "blur.kind=none", "blur=box"]),
     ("blur.kind unknown", {"blur.kind": "boxx"}, ["blur.kind='boxx'", "did you mean 'box'"]),
     ("blur.sigma zero", {"blur.kind": "gaussian", "blur.k": 5, "blur.sigma": 0},
      ["blur.sigma=0", "> 0"]),
@@ -144,6 +142,45 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     ("precision unknown", {"precision": "fp16"}, ["precision='fp16'", "fp32, bf16"]),
     ("blur kernel wider than the image", {"image.size": 16, "blur.k": 33},
      ["blur.k=33", "must fit the image", "image.size (16)"]),
+    # --- the toolkit's keys (param, transform, penalties, objectives) ---
+    ("param kind unknown", {"param.kind": "fourier"}, ["param.kind='fourier'", "did you mean 'fft'"]),
+    ("fft in normalized space", {"param.kind": "fft", "image.space": "normalized"},
+     ["image.space='normalized'", "param=fft", "image.space=pixel"]),
+    ("sigmoid in normalized space", {"param.squash": "sigmoid", "image.space": "normalized"},
+     ["image.space='normalized'", "param.decorrelate/param.squash"]),
+    ("squash unknown", {"param.squash": "tanh"}, ["param.squash='tanh'", "none, sigmoid"]),
+    ("decay negative", {"param.decay": -1.0}, ["param.decay=-1.0", ">= 0"]),
+    ("init_sd zero", {"param.init_sd": 0.0}, ["param.init_sd=0.0", "> 0"]),
+    ("decorrelate not bool", {"param.decorrelate": "yes"}, ["param.decorrelate='yes'", "true or false"]),
+    ("jitter as large as the image", {"image.size": 32, "transform.jitter": 32},
+     ["transform.jitter=32", "smaller than image.size (32)"]),
+    ("pad as large as the image", {"image.size": 32, "transform.pad": 40},
+     ["transform.pad=40", "smaller than image.size (32)"]),
+    ("pad negative", {"transform.pad": -2}, ["transform.pad=-2", ">= 0"]),
+    ("pad mode unknown", {"transform.pad_mode": "wrap"},
+     ["transform.pad_mode='wrap'", "constant, reflect, replicate"]),
+    ("scale list empty", {"transform.scale": []}, ["transform.scale=[]", "at least one value"]),
+    ("rotate list empty", {"transform.rotate": []}, ["transform.rotate=[]", "at least one value"]),
+    ("scale factor zero", {"transform.scale": [1.0, 0.0]}, ["transform.scale[1]=0.0", "> 0"]),
+    ("rotate not a number", {"transform.rotate": ["ten"]}, ["transform.rotate[0]='ten'", "a number"]),
+    ("tv weight negative", {"regularizer.tv": -0.05}, ["regularizer.tv=-0.05", ">= 0"]),
+    ("l1 weight negative", {"regularizer.l1": -1}, ["regularizer.l1=-1", ">= 0"]),
+    ("blur penalty not a number", {"regularizer.blur": "lots"}, ["regularizer.blur='lots'", "a number"]),
+    ("blur mode unknown", {"blur.mode": "inside"}, ["blur.mode='inside'", "project, transform"]),
+    ("objective unknown", {"target.kind": "neurons"}, ["target.kind='neurons'", "did you mean 'neuron'"]),
+    ("neuron x negative", {"target.kind": "neuron", "target.x": -1}, ["target.x=-1", ">= 0"]),
+    ("direction missing", {"target.kind": "direction"},
+     ["target.direction=None", "a path to a .npy vector", "random"]),
+    ("direction file missing", {"target.kind": "direction", "target.direction": "/no/such.npy"},
+     ["target.direction='/no/such.npy'", "no such file"]),
+    ("diversity without a group", {"target.diversity": 0.5},
+     ["target.diversity=0.5", "target.diversity_group"]),
+    ("diversity negative", {"target.diversity": -1.0, "target.diversity_group": "a"},
+     ["target.diversity=-1.0", ">= 0"]),
+    ("relu gradient unknown", {"target.relu_gradient": "redirected"},
+     ["target.relu_gradient='redirected'", "did you mean 'redirect'"]),
+    ("redirect steps zero", {"target.relu_gradient": "redirect", "target.redirect_steps": 0},
+     ["target.redirect_steps=0", ">= 1"]),
 ]
 
 
@@ -186,3 +223,64 @@ class TestResolveDevice:
         for fragment in ("device='cuda'", "no CUDA device", "device=cpu or auto"):
             assert fragment in message
         assert resolve_device("auto") == torch.device("cpu")
+
+
+class TestToolkitKeys:
+    def test_blur_kind_none_ignores_k(self) -> None:
+        """blur.kind=none means no blur whatever blur.k says (sweeps like blur.kind=none,box)."""
+        spec = from_config(with_(**{"blur.kind": "none", "blur.k": 5}))
+        assert spec.blur.k == 1 and not spec.blur.active
+
+    def test_defaults_are_the_notes(self) -> None:
+        spec = from_config(base())
+        assert spec.param.is_plain and not spec.transform.active
+        assert spec.target.kind == "channel" and spec.blur.mode == "project"
+        assert (spec.regularizer.l1, spec.regularizer.tv) == (0.0, 0.0)
+
+    def test_param_and_transform_do_not_split_batches(self) -> None:
+        a = from_config(base())
+        b = from_config(with_(**{"param.kind": "fft", "param.squash": "sigmoid",
+                                 "transform.pad": 4, "transform.jitter": 3,
+                                 "regularizer.tv": 0.1, "target.kind": "deepdream"}))
+        assert a.batch_key() == b.batch_key()
+
+    def test_scalar_scale_is_a_list_of_one(self) -> None:
+        assert from_config(with_(**{"transform.scale": 1.1})).transform.scale == (1.1,)
+
+    def test_layer_names_become_strings(self) -> None:
+        """Hydra turns target.layer=3 into the integer 3; it still names module "3"."""
+        cfg = with_(**{"target.layer": "block3"})
+        assert from_config(cfg).target.layer == "block3"
+
+
+class TestUnknownKeys:
+    """Issue 15 item 1: a key featsweep does not read is refused, with the closest known key."""
+
+    def test_typo_group_is_refused_with_the_right_key(self) -> None:
+        cfg = base()
+        cfg["optimzer"] = {"lr": 0.1}
+        with pytest.raises(ConfigError, match=r"unknown config key optimzer\.lr=0\.1.*did you mean "
+                                              r"optimizer\.lr\?"):
+            from_config(cfg)
+
+    def test_typo_leaf_is_refused(self) -> None:
+        cfg = with_(**{"optimizer.lr": 0.01})
+        cfg["optimizer"]["lrr"] = 0.1
+        with pytest.raises(ConfigError, match=r"optimizer\.lrr=0\.1.*did you mean optimizer\.lr\?"):
+            from_config(cfg)
+
+    def test_message_is_one_paragraph(self) -> None:
+        cfg = base()
+        cfg["stepz"] = 10
+        with pytest.raises(ConfigError) as info:
+            from_config(cfg)
+        assert "\n" not in str(info.value) and "did you mean steps?" in str(info.value)
+
+    def test_keys_read_elsewhere_are_known(self) -> None:
+        cfg = base()
+        cfg["resume"] = False
+        from_config(cfg)
+
+    def test_device_gpu_suggests_cuda(self) -> None:
+        with pytest.raises(ConfigError, match=r"device='gpu'.*did you mean 'cuda'"):
+            from_config(with_(device="gpu"))

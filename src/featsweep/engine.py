@@ -1,13 +1,21 @@
-"""The optimization loop: B images, each with its own hyperparameters, in one batch.
+"""The optimization loop: B images, each with its own settings, in one batch.
 
 Tensors in, tensors and traces out: the engine never touches files or Hydra. A single run is a
-batch of one; the batched launcher fills the batch with a sweep. Per step::
+batch of one; the batched launcher fills the batch with a sweep. The loop knows only the
+components' contracts (docs/CONTRACTS.md), built once per batch from the RunSpecs::
 
-    x (B,3,H,W) -> [normalize] -> model, stopped at the deepest target -> per-image channel mean
-    -> per-image SGD/Adam update -> clamp -> blur every `blur.every` steps -> next step
+    params (featsweep.param)          -> image (B, C, H, W) in pixel space
+    [blur, blur.mode=transform]       -> transforms (featsweep.transforms; per image, seeded)
+    -> normalize -> model, stopped at the deepest target (featsweep.targets.LayerReader)
+       [redirected ReLU gradients, featsweep.redirect]
+    -> objective per image (featsweep.objectives) - penalties (featsweep.penalties) - diversity
+    -> per-image SGD/Adam update of the params (featsweep.optim)
+    -> clamp -> blur every `blur.every` steps (blur.mode=project, the notes) -> next step
 
-A run's outcome does not depend on its batch-mates: the init is seeded per image, every update
-and blur is per image, and the model runs in eval mode. The only host syncs are every
+A run's outcome does not depend on its batch-mates: the start and the transform draws are
+seeded per image, every update, clamp and blur is per image, and the model runs in eval mode
+(diversity, by design, couples the images of one diversity group). Images that the model sees at
+different sizes (``transform.pad``) go through one forward per size. The only host syncs are every
 `log_every` steps (progress line) and at the end.
 """
 
@@ -25,16 +33,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from featsweep import __version__
 from featsweep.blur import batch_kernels, blur_batch
 from featsweep.errors import config_error
 from featsweep.models import build_model
+from featsweep.objectives import Objectives, direction_vector, diversity_terms, gram
 from featsweep.optim import BatchedOptimizer, batch_column
-from featsweep.spec import MODELS, RunSpec
-from featsweep.targets import (ChannelObjective, LayerReader, check_targets, has_pre_relu,
-                               probe_layers)
+from featsweep.param import ImageParams, ParamGroup
+from featsweep.penalties import Penalties
+from featsweep.redirect import redirecting
+from featsweep.spec import RunSpec, check_batch_groups, model_info
+from featsweep.targets import LayerReader, check_targets, has_pre_relu, probe_layers
+from featsweep.transforms import RandomTransforms
 
 log = logging.getLogger(__name__)
+
+TRACE_MAX = 100_000  # trace rows kept per image; longer runs record every ceil(steps / TRACE_MAX)
+STATE_VERSION = 1  # layout of JobOutcome.state
 
 
 @dataclass
@@ -42,17 +56,19 @@ class JobOutcome:
     """What one image's optimization produced (arrays on the host)."""
 
     status: str  # "ok" | "diverged" | "interrupted"
-    activation: float | None  # final channel mean (last finite value when diverged)
-    activation_start: float | None  # channel mean of the starting image
+    activation: float | None  # final objective value (last finite value when diverged)
+    activation_start: float | None  # objective of the starting image
     steps_done: int  # updates applied
-    trace: np.ndarray  # (n, 2) float64: step, activation before that step's update (last: final)
-    optimized: np.ndarray  # (H, W, 3) float32, the optimized tensor (image.space units)
-    before_blur: np.ndarray  # (H, W, 3) float32, same units, before the last blur
-    pixels: np.ndarray  # (H, W, 3) float32, pixel space, unstretched
+    trace: np.ndarray  # (n, 2) float64: step, objective before that step's update (last: final)
+    optimized: np.ndarray  # (H, W, C) float32: the optimized tensor (image.space units) for
+    # param=pixel without decorrelate/squash, else the pixel image
+    before_blur: np.ndarray  # (H, W, C) float32, same units, before the last blur
+    pixels: np.ndarray  # (H, W, C) float32, pixel space, unstretched
     seconds: float  # wall time of the whole batch that computed this image
     device: str  # e.g. "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"
-    diverged_at: int | None = None  # step whose activation or gradient was not finite
-    info: dict = field(default_factory=dict)  # resolved settings: layer, size, batch size, versions
+    diverged_at: int | None = None  # step whose objective or gradient was not finite
+    info: dict = field(default_factory=dict)  # resolved settings: layer, size, batch size, ...
+    state: dict | None = None  # "interrupted": what run_batch(states=...) needs to continue
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -96,32 +112,49 @@ def tune_cpu_allocator() -> None:
 _MODELS: dict[tuple, tuple[nn.Module, list]] = {}
 
 
+def _probe_size(spec: RunSpec) -> int:
+    info = model_info(spec.model)
+    size = max(info.min_size, 64)
+    return min(size, info.max_size) if getattr(info, "max_size", None) else size
+
+
 def load_network(spec: RunSpec, device: torch.device) -> tuple[nn.Module, list]:
     """The frozen model on `device` and its probed layers; cached for the life of the process
     (a sweep pays model start-up once)."""
-    key = (spec.model.name, spec.model.weights, str(device))
+    key = (spec.model, str(device))
     if key not in _MODELS:
         model = build_model(spec.model).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        size = max(MODELS[spec.model.name].min_size, 64)
         _MODELS.clear()  # one network at a time: a sweep is grouped by model
-        _MODELS[key] = (model, probe_layers(model, size, device))
+        _MODELS[key] = (model, probe_layers(model, _probe_size(spec), device,
+                                            in_channels=model_info(spec.model).in_channels))
     return _MODELS[key]
 
 
 def validate(specs: Sequence[RunSpec]) -> None:
     """Every check that needs the model, before any optimization: raises ConfigError."""
+    check_batch_groups(specs)
     for spec in specs:
         device = resolve_device(spec.device)
         if spec.precision == "bf16" and device.type != "cuda":
             raise config_error("precision", "bf16", f"bf16 autocast runs on CUDA only and this "
                                f"job runs on {device.type}; use precision=fp32")
+        info = model_info(spec.model)
+        if spec.param.decorrelate and info.in_channels != 3:
+            raise config_error("param.decorrelate", True, f"colour decorrelation needs RGB input "
+                               f"and this model takes {info.in_channels} channel(s); use "
+                               "param.decorrelate=false")
         model, layers = load_network(spec, device)
         check_targets(model, layers, [(spec.target.layer, spec.target.relu, spec.target.channel)],
                       spec.model.name)
         if spec.target.relu == "pre":
             _check_pre_relu(spec, model, layers, device)
+        if spec.target.kind == "neuron" and (spec.target.x is not None or spec.target.y is not None):
+            _check_neuron(spec, model, layers, device)
+        if spec.target.kind == "direction":
+            channels = next(i.shape[0] for i in layers if i.name == spec.target.layer)
+            direction_vector(spec, channels)
 
 
 _PRE_OK: set[tuple] = set()
@@ -130,11 +163,12 @@ _PRE_OK: set[tuple] = set()
 def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
     """A pre-ReLU target exists only where the layer ends in a ReLU: one truncated forward at the
     probe size finds out (ConfigError otherwise), once per model and layer."""
-    key = (spec.model.name, spec.model.weights, str(device), spec.target.layer)
+    key = (spec.model, str(device), spec.target.layer)
     if key in _PRE_OK:
         return
-    size = max(MODELS[spec.model.name].min_size, 64)
-    if not has_pre_relu(model, [i.name for i in layers], spec.target.layer, size, device):
+    channels = model_info(spec.model).in_channels
+    if not has_pre_relu(model, [i.name for i in layers], spec.target.layer, _probe_size(spec),
+                        device, in_channels=channels):
         raise config_error(
             "target.relu", "pre", f"the output of layer {spec.target.layer} is not produced by a "
             "ReLU (nor a concatenation of ReLU outputs), so it has no pre-ReLU form; use "
@@ -143,19 +177,38 @@ def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch
     _PRE_OK.add(key)
 
 
+_LAYER_SIZES: dict[tuple, tuple[int, ...]] = {}
+
+
+def layer_shape(spec: RunSpec, model: nn.Module, layers: list, device: torch.device,
+                pad: int = 0) -> tuple[int, ...]:
+    """(C, h, w) of the target layer's output for this job's input size (+ 2 pad): one truncated
+    forward of a zero image, cached per model, size and layer."""
+    size = spec.image.size + 2 * pad
+    key = (spec.model, str(device), size, spec.target.layer, spec.target.relu)
+    if key not in _LAYER_SIZES:
+        channels = model_info(spec.model).in_channels
+        reader = LayerReader(model, [(spec.target.layer, spec.target.relu)], [i.name for i in layers])
+        with torch.no_grad():
+            out = reader(torch.zeros(1, channels, size, size, device=device))
+        _LAYER_SIZES[key] = tuple(next(iter(out.values())).shape[1:])
+    return _LAYER_SIZES[key]
+
+
+def _check_neuron(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
+    _, h, w = layer_shape(spec, model, layers, device, spec.transform.pad)
+    for key, value, limit in (("target.x", spec.target.x, w), ("target.y", spec.target.y, h)):
+        if value is not None and not 0 <= value < limit:
+            raise config_error(key, value, f"layer {spec.target.layer} is {h}×{w} (rows × "
+                               f"columns) at image.size={spec.image.size}"
+                               f"{f' + 2 × transform.pad' if spec.transform.pad else ''}, so it "
+                               f"must be in 0..{limit - 1} (null = the centre)")
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-def _start_images(specs: Sequence[RunSpec]) -> torch.Tensor:
-    """Uniform noise in pixel space, (B, 3, H, W), seeded per image on the CPU (device-independent)."""
-    out = []
-    for spec in specs:
-        g = torch.Generator().manual_seed(spec.seed)
-        out.append(torch.rand(3, spec.image.size, spec.image.size, generator=g))
-    return torch.stack(out)
 
 
 def _hwc(t: torch.Tensor) -> np.ndarray:
@@ -165,14 +218,15 @@ def _hwc(t: torch.Tensor) -> np.ndarray:
 class _Progress:
     """A progress line every `log_every` steps: bar, activation, speed and ETA."""
 
-    def __init__(self, total: int, batch: int, label: str, emit: Callable[[str], None]) -> None:
-        self.total, self.batch, self.label, self.emit = total, batch, label, emit
+    def __init__(self, total: int, batch: int, label: str, emit: Callable[[str], None],
+                 begin: int = 0) -> None:
+        self.total, self.batch, self.label, self.emit, self.begin = total, batch, label, emit, begin
         self.t0 = time.perf_counter()
 
     def __call__(self, step: int, act: list[float], alive: int) -> None:
         elapsed = time.perf_counter() - self.t0
         finite = [a for a in act if math.isfinite(a)]
-        per = elapsed / max(step, 1)
+        per = elapsed / max(step - self.begin, 1)
         eta = per * (self.total - step)
         bar = "#" * int(20 * step / self.total)
         acts = (f"act mean {np.mean(finite):.3g} min {min(finite):.3g} max {max(finite):.3g}"
@@ -181,13 +235,51 @@ class _Progress:
                   f"running | {1000 * per / self.batch:.2f} ms/image-step | ETA {eta:.0f}s")
 
 
+class _Clamp:
+    """Per-image clamp bounds for the images of one parameter group, in each image's clamp space
+    (±inf where clamping is off). `x` is in the group's units: image.space units for plain pixel
+    groups, pixel space otherwise."""
+
+    def __init__(self, specs: Sequence[RunSpec], rows: Sequence[int], normalized: bool,
+                 skip: Sequence[bool], mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, ndim: int = 4) -> None:
+        members = [specs[i] for i in rows]
+        on = [s.regularizer.clamp and not k for s, k in zip(members, skip)]
+        self.any = any(on)
+        self.lo = batch_column([s.regularizer.clamp_range[0] if c else -math.inf
+                                for s, c in zip(members, on)], device)
+        self.hi = batch_column([s.regularizer.clamp_range[1] if c else math.inf
+                                for s, c in zip(members, on)], device)
+        space = "normalized" if normalized else "pixel"
+        other = [c and s.regularizer.clamp_space != space for s, c in zip(members, on)]
+        self.cross = batch_column(other, device).bool() if any(other) else None
+        self.normalized, self.mean, self.std = normalized, mean, std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        own = torch.maximum(torch.minimum(x, self.hi), self.lo)
+        if self.cross is None:
+            return own
+        # Clamp in the other space: map there, clamp, map back (normalization is affine).
+        there = x * self.std + self.mean if self.normalized else (x - self.mean) / self.std
+        there = torch.maximum(torch.minimum(there, self.hi), self.lo)
+        back = (there - self.mean) / self.std if self.normalized else there * self.std + self.mean
+        return torch.where(self.cross, back, own)
+
+
+def _trace_stride(max_steps: int) -> int:
+    return max(1, -(-max_steps // TRACE_MAX))
+
+
 def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> list[JobOutcome]:
+              should_stop: Callable[[], bool] | None = None,
+              states: Sequence[dict | None] | None = None) -> list[JobOutcome]:
     """Optimize one image per spec, all in one batch; return one JobOutcome per spec, in order.
 
-    All specs must share ``batch_key()`` (model, weights, image size and space, device,
-    precision). `should_stop` is polled every step (a Python flag, no sync): when it turns true
-    the running images end with status "interrupted" and their current state.
+    All specs must share ``batch_key()`` (model, weights, image size, device, precision).
+    `should_stop` is polled every step (a Python flag, no sync): when it turns true the running
+    images end with status "interrupted", their current image and a ``state``. `states` (one per
+    spec, or None) continues such images from their saved state: with the same batch
+    composition the final image equals an uninterrupted run's.
     """
     if not specs:
         return []
@@ -205,121 +297,323 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
     model, layers = load_network(first, device)
     batch = len(specs)
     t_start = time.perf_counter()
-
-    info = MODELS[first.model.name]
-    mean = torch.tensor(info.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, 3, 1, 1)
-    normalized = first.image.space == "normalized"
-
-    def to_model_input(x: torch.Tensor) -> torch.Tensor:
-        return x if normalized else (x - mean) / std
-
-    targets = [(s.target.layer, s.target.relu) for s in specs]
-    reader = LayerReader(model, targets, [i.name for i in layers])
-    objective = ChannelObjective(targets, [s.target.channel for s in specs], device)
-
-    pixels0 = _start_images(specs).to(device)
-    param = (pixels0 - mean) / std if normalized else pixels0
-    if device.type == "cuda":
-        param = param.contiguous(memory_format=torch.channels_last)
-    opt = BatchedOptimizer.create([s.optimizer for s in specs], param)
+    info = model_info(first.model)
+    order = [i.name for i in layers]
 
     def col(values: Sequence[float]) -> torch.Tensor:
         return batch_column(values, device)
 
-    # Clamp bounds per image, in each image's clamp space (±inf where clamping is off).
-    lo = col([s.regularizer.clamp_range[0] if s.regularizer.clamp else -math.inf for s in specs])
-    hi = col([s.regularizer.clamp_range[1] if s.regularizer.clamp else math.inf for s in specs])
-    other_space = [s.regularizer.clamp and s.regularizer.clamp_space != s.image.space for s in specs]
-    cross = col(other_space).bool() if any(other_space) else None
-
-    def clamp(x: torch.Tensor) -> torch.Tensor:
-        if cross is None:
-            return torch.maximum(torch.minimum(x, hi), lo)
-        # Clamp in the other space: map there, clamp, map back (normalization is affine).
-        there = x * std + mean if normalized else (x - mean) / std
-        there = torch.maximum(torch.minimum(there, hi), lo)
-        back = (there - mean) / std if normalized else there * std + mean
-        return torch.where(cross, back, torch.maximum(torch.minimum(x, hi), lo))
-
-    blurs = [s.blur.kind != "none" and s.blur.k > 1 for s in specs]
+    # --- components, built once per batch ------------------------------------------------------
+    params = ImageParams(specs, info.in_channels, info.mean, info.std, device)
+    mean, std = params.mean, params.std
+    opts = [BatchedOptimizer.create([specs[i].optimizer for i in g.rows_list], g.tensor)
+            for g in params.groups]
+    transforms = RandomTransforms(specs, device)
+    penalties = Penalties(specs, device)
+    blurs = [s.blur.active for s in specs]
     kernels = batch_kernels([s.blur for s in specs]).to(device) if any(blurs) else None
-    blur_every = torch.tensor([s.blur.every for s in specs], device=device)
-    blur_on = col(blurs).bool()
+    project_blur = [b and s.blur.mode == "project" for b, s in zip(blurs, specs)]
+    forward_blur = [b and s.blur.mode == "transform" for b, s in zip(blurs, specs)]
+    forward_blur_on = col(forward_blur).bool() if any(forward_blur) else None
+    through_pixels = [s.transform.active or fb for s, fb in zip(specs, forward_blur)]
+    directions = {}
+    for i, s in enumerate(specs):
+        if s.target.kind == "direction":
+            channels = next(li.shape[0] for li in layers if li.name == s.target.layer)
+            directions[i] = direction_vector(s, channels)
+    forwards = []  # per size group: (group, reader, objectives, through-pixels mask or None)
+    for sg in transforms.groups:
+        targets = [(specs[i].target.layer, specs[i].target.relu) for i in sg.rows]
+        through = [through_pixels[i] for i in sg.rows]
+        mask = None
+        if any(through) and not all(through):
+            mask = torch.tensor(through, device=device).view(-1, 1, 1, 1)
+        forwards.append((sg, LayerReader(model, targets, order),
+                         Objectives(specs, sg.rows, device, directions), any(through), mask,
+                         sg.rows == list(range(batch))))
+    group_names = [s.target.diversity_group for s in specs]
+    div_ids = {name: k for k, name in enumerate(dict.fromkeys(n for n in group_names if n))}
+    diverse = any(s.target.diversity > 0 for s in specs)
+    div_group = torch.tensor([div_ids.get(n, -1) if n else -1 for n in group_names], device=device)
+    div_weight = torch.tensor([s.target.diversity for s in specs], device=device)
+    c_max = max(li.shape[0] for li in layers if li.name in {s.target.layer for s in specs})
+    redirect = [s.target.relu_gradient == "redirect" for s in specs]
+    redirect_until = torch.tensor([(s.target.redirect_steps or math.inf) if r else -math.inf
+                                   for s, r in zip(specs, redirect)], device=device)
+    redirect_last = max((s.target.redirect_steps or math.inf) if r else -1
+                        for s, r in zip(specs, redirect))
+
+    # Per parameter group: clamp, and whether a clamp of a sigmoid image is a no-op (skipped).
+    clamps, resolved_clamp = [], {}
+    for g in params.groups:
+        skip = []
+        for i in g.rows_list:
+            s = specs[i]
+            noop = (s.param.squash == "sigmoid" and s.regularizer.clamp
+                    and s.regularizer.clamp_range[0] <= 0 and s.regularizer.clamp_range[1] >= 1)
+            skip.append(noop)
+            if not s.regularizer.clamp:
+                resolved_clamp[i] = "off"
+            elif noop:
+                resolved_clamp[i] = ("not applied: param.squash=sigmoid keeps the image inside "
+                                     f"(0, 1) ⊂ {list(s.regularizer.clamp_range)}")
+            elif g.plain:
+                resolved_clamp[i] = (f"the optimized tensor, to {list(s.regularizer.clamp_range)} "
+                                     f"in {s.regularizer.clamp_space} space")
+            else:
+                resolved_clamp[i] = (f"the image, to {list(s.regularizer.clamp_range)} in "
+                                     f"{s.regularizer.clamp_space} space, projected back onto "
+                                     f"the {s.param.kind} parameters")
+        clamps.append(_Clamp(specs, g.rows_list, g.plain and g.space == "normalized", skip,
+                             mean, std, device))
+
+    projects = [kernels is not None and any(project_blur[i] for i in g.rows_list)
+                for g in params.groups]
+    project_blur_on = torch.tensor(project_blur, device=device)
     steps = torch.tensor([s.steps for s in specs], device=device)
     max_steps = max(s.steps for s in specs)
+    blur_every = torch.tensor([s.blur.every for s in specs], device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=first.precision == "bf16" and device.type == "cuda")
 
-    trace = torch.full((max_steps + 1, batch), math.nan, device=device)
+    # --- state: fresh, or continued from saved states --------------------------------------------
+    stride = _trace_stride(max_steps)
+    trace = torch.full((max_steps // stride + 2, batch), math.nan, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     diverged_at = torch.full((batch,), -1, dtype=torch.long, device=device)
-    before_blur = param.detach().clone()
+    before_blur = [_group_view(params, g).detach().clone() for g in params.groups]
+    begin_list = [0] * batch
+    saved_traces: dict[int, np.ndarray] = {}
+    if states is not None:
+        for g, opt, bb in zip(params.groups, opts, before_blur):
+            for k, i in enumerate(g.rows_list):
+                st = states[i]
+                if st is None:
+                    continue
+                _check_state(st, specs[i], g)
+                with torch.no_grad():
+                    g.tensor[k] = st["params"].to(g.tensor)
+                    bb[k] = st["before_blur"].to(bb)
+                opt.set_row_state(k, st["optimizer"])
+                begin_list[i] = int(st["step"])
+                saved_traces[i] = np.asarray(st["trace"], dtype=np.float64).reshape(-1, 2)
+    begin = torch.tensor(begin_list, device=device)
+    start = min(begin_list)
     log_every = min(s.log_every for s in specs)
-    label = (f"[{first.model.name} {first.image.size}px {device.type} batch of {batch}]")
-    progress = _Progress(max_steps, batch, label, emit)
+    label = f"[{first.model.name} {first.image.size}px {device.type} batch of {batch}]"
+    progress = _Progress(max_steps, batch, label, emit, begin=start)
+    kinds = sorted({s.param.kind for s in specs})
     emit(f"{label} optimizing {batch} image(s) for {max_steps} steps "
-         f"({len({t for t in targets})} target(s), deepest layer {reader.deepest})")
+         f"({len({(s.target.layer, s.target.relu) for s in specs})} target(s), param "
+         f"{'/'.join(kinds)}, {len(forwards)} forward(s) per step"
+         f"{f', continuing from step {start}' if start else ''})")
 
-    done = 0
-    for t in range(max_steps):
+    def objective_values(tensors: Sequence[torch.Tensor], t: int,
+                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) objective values and (B,) loss terms (penalties + diversity) at step t."""
+        need_pixels = penalties.any or any(f[3] for f in forwards)
+        images = params.image(tensors) if need_pixels else None
+        direct = params.model_input(tensors)
+        seen = images
+        if forward_blur_on is not None:
+            seen = torch.where(forward_blur_on, blur_batch(images, kernels), images)
+        acts, grams = [], []
+        mask = None
+        if with_grad and t < redirect_last:
+            mask = redirect_until > t
+        for sg, reader, objective, through, through_mask, whole in forwards:
+            rows = None if whole else sg.rows_t
+            x = direct if rows is None else direct[rows]
+            if through:
+                pix = seen if rows is None else seen[rows]
+                moved = (transforms.apply(sg, pix, t) - mean) / std
+                x = moved if through_mask is None else torch.where(through_mask, moved, x)
+            with autocast:
+                if mask is not None:
+                    with redirecting(mask if rows is None else mask[rows]):
+                        feats = reader(x)
+                else:
+                    feats = reader(x)
+                acts.append(objective(feats))
+                if diverse:
+                    grams.append(_grams(objective, feats, len(sg.rows), c_max))
+        act = acts[0] if len(forwards) == 1 else _scatter(acts, forwards, batch, device)
+        extra = torch.zeros(batch, device=device)
+        if penalties.any:
+            extra = extra + penalties(images)
+        if diverse:
+            g_all = grams[0] if len(forwards) == 1 else _scatter(grams, forwards, batch, device)
+            extra = extra + div_weight * diversity_terms(g_all, div_group)
+        return act, extra
+
+    # --- the loop -----------------------------------------------------------------------------
+    done = start
+    last_act = None
+    for t in range(start, max_steps):
         if should_stop is not None and should_stop():
             break
-        x = param.detach().requires_grad_(True)
-        with autocast:
-            act = objective(reader(to_model_input(x)))
-        (grad,) = torch.autograd.grad(-act.sum(), x)
+        tensors = [g.tensor.detach().requires_grad_(True) for g in params.groups]
+        act, extra = objective_values(tensors, t, with_grad=True)
+        grads = torch.autograd.grad((extra - act).sum(), tensors)
         with torch.no_grad():
-            trace[t] = act.detach()
-            finite = torch.isfinite(act) & torch.isfinite(grad).flatten(1).all(dim=1)
-            running = alive & (t < steps)
+            if t % stride == 0:
+                trace[t // stride] = act.detach()
+            finite = torch.isfinite(act)
+            for g, grad in zip(params.groups, grads):
+                ok = torch.isfinite(grad).flatten(1).all(dim=1)
+                finite = finite.index_copy(0, g.rows, finite[g.rows] & ok)
+            running = alive & (t < steps) & (t >= begin)
             newly_bad = running & ~finite
             diverged_at = torch.where(newly_bad, torch.full_like(diverged_at, t), diverged_at)
             alive = alive & ~newly_bad
-            active = (running & finite).view(-1, 1, 1, 1)
-            opt.step(param, torch.nan_to_num(grad), active)
-            param.copy_(torch.where(active, clamp(param), param))
-            if kernels is not None:
-                due = active & blur_on & ((t + 1) % blur_every == 0).view(-1, 1, 1, 1)
-                before_blur = torch.where(due, param, before_blur)
-                param.copy_(torch.where(due, blur_batch(param, kernels), param))
+            active = running & finite
+            blur_due = active & project_blur_on & ((t + 1) % blur_every == 0)
+            for gi, (g, opt, grad, clamp) in enumerate(zip(params.groups, opts, grads, clamps)):
+                act_g = active[g.rows]
+                shape = (-1,) + (1,) * (g.tensor.dim() - 1)
+                opt.step(g.tensor, torch.nan_to_num(grad), act_g.view(shape))
+                due = blur_due[g.rows]
+                if g.plain:
+                    # The notes' path: clamp and blur the optimized tensor itself.
+                    a4 = act_g.view(-1, 1, 1, 1)
+                    if clamp.any:
+                        g.tensor.copy_(torch.where(a4, clamp(g.tensor), g.tensor))
+                    if kernels is not None:
+                        d4 = due.view(-1, 1, 1, 1)
+                        before_blur[gi] = torch.where(d4, g.tensor, before_blur[gi])
+                        g.tensor.copy_(torch.where(d4, blur_batch(g.tensor, kernels[g.rows]),
+                                                   g.tensor))
+                elif clamp.any or projects[gi]:
+                    img = params.group_image(g)
+                    if clamp.any:
+                        img = torch.where(act_g.view(-1, 1, 1, 1), clamp(img), img)
+                    if kernels is not None:
+                        d4 = due.view(-1, 1, 1, 1)
+                        before_blur[gi] = torch.where(d4, img, before_blur[gi])
+                        img = torch.where(d4, blur_batch(img, kernels[g.rows]), img)
+                    params.project(g, img, act_g)
         done = t + 1
         if done % log_every == 0 or done == max_steps:
-            progress(done, trace[t].tolist(), int(alive.sum()))
+            last_act = act.detach()
+            progress(done, last_act.tolist(), int(alive.sum()))
 
-    with torch.no_grad(), autocast:
-        final = objective(reader(to_model_input(param)))
+    with torch.no_grad():
+        final, _ = objective_values(params.tensors, done, with_grad=False)
+    if last_act is None or done % log_every:
+        progress(done, final.tolist(), int(alive.sum()))  # the last line shows the final values
     seconds = time.perf_counter() - t_start
     trace_np = trace.cpu().numpy().astype(np.float64)
     final_np = final.float().cpu().numpy().astype(np.float64)
     diverged_np = diverged_at.cpu().numpy()
-    pixels = param * std + mean if normalized else param
-    before_blur = torch.where(blur_on, before_blur, param) if kernels is not None else param
+    with torch.no_grad():
+        pixels = params.image()
+    optimized = [None] * batch
+    blurred = [None] * batch
+    for gi, g in enumerate(params.groups):
+        view = _group_view(params, g)
+        bb = before_blur[gi]
+        for k, i in enumerate(g.rows_list):
+            optimized[i] = view[k]
+            blurred[i] = bb[k] if project_blur[i] else view[k]
 
     outcomes = []
     for i, spec in enumerate(specs):
         n = min(spec.steps, done)
-        acts = np.append(trace_np[:n, i], final_np[i])
+        rec = np.arange(begin_list[i], n)
+        rec = rec[rec % stride == 0]
+        acts = np.append(trace_np[rec // stride, i], final_np[i])
+        steps_col = np.append(rec, n).astype(np.float64)
+        if i in saved_traces:
+            old = saved_traces[i]
+            acts = np.concatenate([old[:, 1], acts])
+            steps_col = np.concatenate([old[:, 0], steps_col])
         bad = int(diverged_np[i]) if diverged_np[i] >= 0 else None
         if bad is None and not np.isfinite(final_np[i]):
             bad = n  # the last update overflowed: the final image is not finite
         if bad is not None:
+            keep = steps_col <= bad
+            acts, steps_col = acts[keep], steps_col[keep]
             n = bad
-            acts = acts[: bad + 1]
         finite_acts = acts[np.isfinite(acts)]
         status = "diverged" if bad is not None else ("interrupted" if n < spec.steps else "ok")
+        trace_i = np.column_stack([steps_col, acts])
+        state = None
+        if status == "interrupted":
+            g, k = _locate(params, i)
+            opt = opts[params.groups.index(g)]
+            state = {"version": STATE_VERSION, "step": n, "param_kind": spec.param.kind,
+                     "params": g.tensor[k].detach().cpu().clone(),
+                     "before_blur": before_blur[params.groups.index(g)][k].detach().cpu().clone(),
+                     "optimizer": opt.row_state(k), "trace": trace_i[:-1].copy()}
         outcomes.append(JobOutcome(
             status=status,
             activation=float(finite_acts[-1]) if finite_acts.size else None,
             activation_start=float(acts[0]) if np.isfinite(acts[0]) else None,
             steps_done=n,
-            trace=np.column_stack([np.arange(acts.size, dtype=np.float64), acts]),
-            optimized=_hwc(param[i]),
-            before_blur=_hwc(before_blur[i]),
+            trace=trace_i,
+            optimized=_hwc(optimized[i]),
+            before_blur=_hwc(blurred[i]),
             pixels=_hwc(pixels[i]),
             seconds=seconds,
             device=_device_name(device),
             diverged_at=bad,
-            info={"layer": spec.target.layer, "image_size": spec.image.size, "batch_size": batch},
+            info={"layer": spec.target.layer, "image_size": spec.image.size, "batch_size": batch,
+                  "objective": spec.target.kind, "param": spec.param.kind,
+                  "model_input_size": spec.image.size + 2 * spec.transform.pad,
+                  "forwards_per_step": len(forwards), "clamp": resolved_clamp[i],
+                  "trace_stride": stride},
+            state=state,
         ))
     return outcomes
+
+
+def _group_view(params: ImageParams, g: ParamGroup) -> torch.Tensor:
+    """What JobOutcome.optimized shows for group g: the tensor itself for the notes' plain pixel
+    parameterization (image.space units), the pixel image otherwise."""
+    with torch.no_grad():
+        return g.tensor if g.plain else params.group_image(g)
+
+
+def _locate(params: ImageParams, i: int) -> tuple[ParamGroup, int]:
+    for g in params.groups:
+        if i in g.rows_list:
+            return g, g.rows_list.index(i)
+    raise KeyError(i)
+
+
+def _check_state(state: dict, spec: RunSpec, g: ParamGroup) -> None:
+    if state.get("version") != STATE_VERSION or state.get("param_kind") != spec.param.kind:
+        raise ValueError("saved state does not match this featsweep version or parameterization")
+    if tuple(state["params"].shape) != tuple(g.tensor.shape[1:]):
+        raise ValueError(f"saved state has shape {tuple(state['params'].shape)}, expected "
+                         f"{tuple(g.tensor.shape[1:])}")
+
+
+def _grams(objective: Objectives, feats: dict, n: int, c_max: int) -> torch.Tensor:
+    """(n, c_max, c_max) normalized Gram matrices of a forward's rows, each from its own target
+    (zero-padded to the batch's widest layer; only Grams of one target are ever compared, since a
+    diversity group shares its target)."""
+    out = None
+    for target, _, local, *_rest in objective.parts:
+        g = gram(feats[target] if objective._single else feats[target][local])
+        pad = c_max - g.shape[-1]
+        if pad:
+            g = torch.nn.functional.pad(g, (0, pad, 0, pad))
+        if objective._single:
+            return g
+        out = g.new_zeros((n, c_max, c_max)) if out is None else out
+        out = out.index_copy(0, local, g)
+    assert out is not None
+    return out
+
+
+def _scatter(parts: list[torch.Tensor], forwards: list, batch: int, device: torch.device) -> torch.Tensor:
+    """Put per-forward (n, ...) results back in batch order: (B, ...)."""
+    out = parts[0].new_zeros((batch, *parts[0].shape[1:]))
+    for part, f in zip(parts, forwards):
+        out = out.index_copy(0, f[0].rows_t, part)
+    return out
+
+
+__all__ = ["JobOutcome", "TRACE_MAX", "load_network", "layer_shape", "resolve_device", "run_batch",
+           "tune_cpu_allocator", "validate"]

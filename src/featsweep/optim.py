@@ -20,9 +20,10 @@ from featsweep.spec import OptimizerSpec
 
 
 def batch_column(values: Sequence[float], device: torch.device | str,
-         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B,) values -> (B, 1, 1, 1) column (float32 unless `dtype`) that broadcasts over a batch."""
-    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
+                 dtype: torch.dtype = torch.float32, ndim: int = 4) -> torch.Tensor:
+    """(B,) values -> (B, 1, ..., 1) column of `ndim` dims (float32 unless `dtype`) that
+    broadcasts over a batch of (B, ...) parameters."""
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, *([1] * (ndim - 1)))
 
 
 @dataclass
@@ -47,23 +48,27 @@ class BatchedOptimizer:
 
     @classmethod
     def create(cls, specs: Sequence[OptimizerSpec], param: torch.Tensor) -> "BatchedOptimizer":
-        """One OptimizerSpec per image of `param` (B, C, H, W)."""
+        """One OptimizerSpec per image of `param` (B, ...): pixels (B, C, H, W) or spectra."""
         if len(specs) != param.shape[0]:
             raise ValueError(f"expected {param.shape[0]} optimizer specs, got {len(specs)}")
         dev = param.device
+
+        def col(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return batch_column(values, dev, dtype, param.dim())
+
         is_adam = [s.name == "adam" for s in specs]
         return cls(
-            is_adam=batch_column(is_adam, dev).bool(),
-            lr=batch_column([s.lr for s in specs], dev),
-            momentum=batch_column([s.momentum for s in specs], dev),
-            nesterov=batch_column([s.nesterov for s in specs], dev).bool(),
-            beta1=batch_column([s.betas[0] for s in specs], dev),
-            beta2=batch_column([s.betas[1] for s in specs], dev),
-            eps=batch_column([s.eps for s in specs], dev),
-            weight_decay=batch_column([s.weight_decay for s in specs], dev),
-            beta1_64=batch_column([s.betas[0] for s in specs], dev, torch.float64),
-            beta2_64=batch_column([s.betas[1] for s in specs], dev, torch.float64),
-            adam_steps=torch.zeros(len(specs), 1, 1, 1, dtype=torch.float64, device=dev),
+            is_adam=col(is_adam).bool(),
+            lr=col([s.lr for s in specs]),
+            momentum=col([s.momentum for s in specs]),
+            nesterov=col([s.nesterov for s in specs]).bool(),
+            beta1=col([s.betas[0] for s in specs]),
+            beta2=col([s.betas[1] for s in specs]),
+            eps=col([s.eps for s in specs]),
+            weight_decay=col([s.weight_decay for s in specs]),
+            beta1_64=col([s.betas[0] for s in specs], torch.float64),
+            beta2_64=col([s.betas[1] for s in specs], torch.float64),
+            adam_steps=col([0.0] * len(specs), torch.float64),
             buf=torch.zeros_like(param),
             sq=torch.zeros_like(param),
             any_adam=any(is_adam),
@@ -74,7 +79,7 @@ class BatchedOptimizer:
     def step(self, param: torch.Tensor, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:
         """Update `param` (B,C,H,W) in place from `grad` (same shape).
 
-        active: optional (B,1,1,1) bool; inactive images (diverged) keep their parameter and state.
+        active: optional (B,1,...,1) bool; inactive images (diverged) keep their parameter and state.
         """
         # Each image's own step count: a frozen image's bias correction resumes where it stopped.
         t = self.adam_steps + (1 if active is None else active.to(torch.float64))
@@ -106,3 +111,15 @@ class BatchedOptimizer:
         self.sq = new_sq
         self.adam_steps = t
         param.sub_(update)
+
+    def row_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Image k's optimizer state (CPU copies): what a resumed run needs to continue exactly."""
+        return {"buf": self.buf[k].detach().cpu().clone(), "sq": self.sq[k].detach().cpu().clone(),
+                "adam_steps": self.adam_steps[k].detach().cpu().clone()}
+
+    def set_row_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Restore image k's state saved by :meth:`row_state`."""
+        with torch.no_grad():
+            self.buf[k] = state["buf"].to(self.buf)
+            self.sq[k] = state["sq"].to(self.sq)
+            self.adam_steps[k] = state["adam_steps"].to(self.adam_steps)
