@@ -18,7 +18,7 @@ import featsweep.analysis
 from featsweep.analysis import CollectError, collect
 from featsweep.analysis.__main__ import main as cli_main
 from featsweep.analysis.claims import RESULT_COLUMNS, Claim, ClaimsError
-from featsweep.analysis.collect import CACHE_FILE, RESULT_KEYS, TRACE_COLUMNS
+from featsweep.analysis.collect import CACHE_FILE, CONVERGENCE_COLUMNS, RESULT_KEYS, TRACE_COLUMNS
 from featsweep.analysis.report import (
     CLAIMS_COLUMNS,
     NOT_IN_SWEEP,
@@ -32,6 +32,7 @@ from featsweep.errors import UserError
 from featsweep.metrics import METRICS
 
 collect_module = sys.modules["featsweep.analysis.collect"]
+cache_module = sys.modules["featsweep.analysis.metric_cache"]
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 8
 
@@ -106,10 +107,10 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def expected_columns(extra_results: list[str]) -> list[str]:
-    return (["job.num", "job.dir", "job.overrides"] + CONFIG_LEAVES
+    return (["job.num", "job.dir", "job.sweep", "job.overrides"] + CONFIG_LEAVES
             + ["choice.experiment", "choice.model", "choice.optimizer", "status", "activation"]
             + [f"result.{k}" for k in RESULT_KEYS] + [f"result.{k}" for k in extra_results]
-            + list(TRACE_COLUMNS)
+            + list(TRACE_COLUMNS) + list(CONVERGENCE_COLUMNS)
             + [f"display.{m}" for m in METRICS] + [f"raw.{m}" for m in METRICS])
 
 
@@ -118,7 +119,11 @@ def expected_columns(extra_results: list[str]) -> list[str]:
 
 def test_collect_columns_and_known_values(sweep: Path) -> None:
     df = collect(sweep)
-    assert list(df.columns) == expected_columns(["layer"])
+    extra = sorted(c[len("result."):] for c in df.columns if c.startswith("result.")
+                   and c[len("result."):] not in RESULT_KEYS)
+    assert "layer" in extra  # other result.json fields follow the CONTRACTS ones, sorted
+    assert list(df.columns) == expected_columns(extra)
+    assert df["job.sweep"].tolist() == ["."] * 4
     assert df["job.num"].tolist() == [0, 1, 2, 3]
     assert df["job.dir"].tolist() == [str((sweep / str(i)).resolve()) for i in range(4)]
     assert df.loc[3, "job.overrides"] == "optimizer.weight_decay=0.1 seed=1 experiment=x"
@@ -133,6 +138,9 @@ def test_collect_columns_and_known_values(sweep: Path) -> None:
     assert df["result.error"].isna().all() and df["result.steps_requested"].isna().all()
     # trace: activation = 2·step over steps 0..10
     assert df.loc[0, TRACE_COLUMNS].tolist() == [0.0, 2.0, 10.0, 20.0]
+    # last 10 %: 18 -> 20 over a final 20, a 10 % gain: not converged
+    assert df["trace.gain_last10%"].tolist() == pytest.approx([0.1] * 4)
+    assert df["trace.converged"].tolist() == [False] * 4 and df["trace.converged"].dtype == bool
     # display: the half-black, half-white image; raw: constant 0.25 + 0.5·wd
     assert df["display.brightness"].tolist() == pytest.approx([0.5] * 4)
     assert df["display.contrast"].tolist() == pytest.approx([0.5] * 4)
@@ -211,21 +219,29 @@ def test_trace_points_take_the_last_recorded_step(tmp_path: Path) -> None:
 
 
 def test_metrics_cache_is_used_and_invalidated(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*")}
     first = collect(sweep)
-    cache = json.loads((sweep / "0" / CACHE_FILE).read_text())
-    assert set(cache["images"]) == {"display", "raw"}
+    # The cache lives in SWEEP/analysis/, never in a job directory (artifacts writes those).
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if "analysis" not in p.parts} == before
+    path = sweep / "analysis" / CACHE_FILE
+    cache = json.loads(path.read_text())
+    assert sorted(cache["jobs"]) == ["0", "1", "2", "3"]
+    assert set(cache["jobs"]["0"]) == {"display", "raw"}
     calls: list[int] = []
-    real = collect_module.image_stats_batch
+    real = cache_module.image_stats_batch
 
     def counting(imgs: np.ndarray) -> dict:
         calls.append(len(imgs))
         return real(imgs)
 
-    monkeypatch.setattr(collect_module, "image_stats_batch", counting)
+    monkeypatch.setattr(cache_module, "image_stats_batch", counting)
     again = collect(sweep)
     assert calls == []  # nothing recomputed
     pd.testing.assert_frame_equal(first, again)
-    mtimes = {p: p.stat().st_mtime_ns for p in sweep.glob(f"*/{CACHE_FILE}")}
+    written = path.stat().st_mtime_ns
+    os.utime(path, ns=(written - 10**9, written - 10**9))
+    collect(sweep)
+    assert path.stat().st_mtime_ns == written - 10**9  # unchanged: not rewritten
 
     np.save(sweep / "3" / "image.npy", np.full((H, W, 3), 0.75, np.float32))  # same size
     os.utime(sweep / "3" / "image.npy", ns=(1, 1))  # mtime changes even on coarse clocks
@@ -233,8 +249,10 @@ def test_metrics_cache_is_used_and_invalidated(sweep: Path, monkeypatch: pytest.
     assert calls == [1]  # only job 3's raw image
     assert third.loc[3, "raw.brightness"] == pytest.approx(0.75, abs=1e-6)
     assert third.loc[3, "display.brightness"] == first.loc[3, "display.brightness"]
-    unchanged = {p: p.stat().st_mtime_ns for p in sweep.glob(f"*/{CACHE_FILE}")}
-    assert [p.parent.name for p in mtimes if mtimes[p] != unchanged[p]] == ["3"]
+    assert json.loads(path.read_text())["jobs"]["3"]["raw"]["values"]["brightness"] == pytest.approx(0.75)
+    # Collecting one job directory writes no cache at all (it would land inside the job).
+    collect(sweep / "1")
+    assert not (sweep / "1" / "analysis").exists()
 
 
 def test_missing_and_empty_directories_are_clear_errors(tmp_path: Path) -> None:
@@ -260,10 +278,15 @@ def test_claims_table_marks_claims_outside_the_sweep(sweep: Path) -> None:
     table = claims_table(df, claims, n_boot=200)
     assert list(table.columns) == list(CLAIMS_COLUMNS) == [*RESULT_COLUMNS, "note"]
     assert table["verdict"].tolist()[1:] == [NOT_IN_SWEEP] * 3
-    assert "regularizer.clamp never is false" in table.loc[1, "note"]
-    assert "blur.k does not vary here" in table.loc[2, "note"]
+    assert "regularizer.clamp never is false" in table.loc[1, "reason"]
+    assert table.loc[2, "reason"] == "factor does not vary: blur.k takes one value here (3)"
     row = table.iloc[0]
-    assert row["test"] == "spearman" and row["n_groups"] == 2 and row["statistic"] == 1.0
+    assert row["test"] == "spearman" and row["n_groups"] == 2 and row["statistic"] == pytest.approx(1.0)
+    # Two seeds of one channel are one unit: too few to generalize, and the row says why.
+    assert row["unit"] == "target.channel" and row["n_units"] == 1
+    assert row["verdict"] == "inconclusive" and row["reason"] == "1 unit(s) < 8 needed"
+    assert row["n_unconverged"] == 4  # the synthetic traces still rise by 10 %
+    assert "4 of 4 job(s) had not converged" in row["note"]
     # a typo is an error before anything is computed
     with pytest.raises(ClaimsError, match="display.brigthness"):
         claims_table(df, [Claim("typo", "optimizer.weight_decay", "display.brigthness", "decrease")])
@@ -302,7 +325,8 @@ def test_cli_user_errors_exit_2_with_one_message(sweep: Path, tmp_path: Path,
     assert cli_main([str(sweep), "--claims", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "display.brigthness" in err and "did you mean 'display.brightness'" in err
-    assert not (sweep / "analysis").exists()  # nothing written
+    # nothing of the analysis written (only collect's metric cache)
+    assert sorted(p.name for p in (sweep / "analysis").iterdir()) == [CACHE_FILE]
 
 
 # ------------------------------------------------------------------------------- end to end

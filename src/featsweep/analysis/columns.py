@@ -1,7 +1,8 @@
 """Column vocabulary of the analysis table (one row per job; see docs/CONTRACTS.md).
 
 The table mixes three kinds of columns: bookkeeping (``job.*``, ``choice.*``), outcomes
-(``status``, ``activation``, ``result.*``, ``trace.*``, ``display.*``, ``raw.*``) and the config
+(``status``, ``activation``, ``result.*``, ``trace.*``, ``display.*``, ``raw.*``,
+``quality.*``) and the config
 leaves that describe what was run. Claims pair jobs that share every config leaf but one, so the
 config leaves must be told apart from everything else by name alone; this module is that rule.
 """
@@ -12,7 +13,8 @@ import pandas as pd
 
 # Prefixes of columns that are not config leaves: bookkeeping, Hydra's group choices (they
 # duplicate config leaves under another name) and every measured outcome.
-RESERVED_PREFIXES: tuple[str, ...] = ("job.", "choice.", "result.", "trace.", "display.", "raw.")
+RESERVED_PREFIXES: tuple[str, ...] = ("job.", "choice.", "result.", "trace.", "display.", "raw.",
+                                      "quality.")
 
 # Unprefixed outcome columns taken from result.json.
 RESULT_COLUMNS: tuple[str, ...] = ("status", "activation")
