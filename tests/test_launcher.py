@@ -357,18 +357,45 @@ class FakeEngine:
         return [f"outcome of seed {s.seed}" for s in specs]
 
 
-def test_a_job_that_raises_costs_only_itself(base_spec: Any,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_deterministic_error_costs_one_engine_call(base_spec: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only out-of-memory is retried: any other error would come back on a retry, so a 16-job
+    batch that raises ValueError costs ONE engine call and its 16 jobs fail with that error."""
     boom = ValueError("boom in job 2")
     engine = FakeEngine(lambda specs: boom if any(s.seed == 2 for s in specs) else None)
     monkeypatch.setattr("featsweep.engine.run_batch", engine)
-    jobs = make_jobs(base_spec, 4)
+    jobs = make_jobs(base_spec, 16)
     _core._optimize(jobs)
-    assert jobs[2].error is boom and jobs[2].outcome is None
-    for job in (jobs[0], jobs[1], jobs[3]):
-        assert job.error is None
-        assert job.outcome == f"outcome of seed {job.idx}"  # each job its own outcome
-    assert engine.calls == [[0, 1, 2, 3], [0, 1], [2, 3], [2], [3]]
+    assert engine.calls == [list(range(16))]  # one call, no halving
+    assert all(j.error is boom and j.outcome is None for j in jobs)
+
+
+def test_a_failed_batch_does_not_stop_the_next_one(base_spec: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine(lambda specs: ValueError("bad") if specs[0].seed == 0 else None)
+    monkeypatch.setattr("featsweep.engine.run_batch", engine)
+    first, second = make_jobs(base_spec, 4)[:2], make_jobs(base_spec, 4)[2:]
+    _core._optimize(first)
+    _core._optimize(second)
+    assert [j.error is not None for j in first + second] == [True, True, False, False]
+    assert [j.outcome for j in second] == ["outcome of seed 2", "outcome of seed 3"]
+
+
+def test_out_of_memory_split_keeps_a_diversity_group_whole(base_spec: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(specs: Any) -> Exception | None:
+        return RuntimeError("CUDA out of memory.") if len(specs) > 3 else None
+
+    engine = FakeEngine(fail)
+    monkeypatch.setattr("featsweep.engine.run_batch", engine)
+    jobs = make_jobs(base_spec, 5)
+    grouped = {1: "g", 2: "g", 3: "g"}  # jobs 1-3 share a diversity group
+    monkeypatch.setattr(_core, "_diversity_group", lambda job: grouped.get(job.idx))
+    _core._optimize(jobs)
+    assert engine.calls[0] == [0, 1, 2, 3, 4]
+    for call in engine.calls[1:]:  # 1, 2 and 3 are never cut apart
+        assert {1, 2, 3} <= set(call) or not {1, 2, 3} & set(call), engine.calls
+    assert all(j.error is None for j in jobs)
 
 
 def test_out_of_memory_batches_are_split_in_halves(base_spec: Any,
@@ -383,7 +410,7 @@ def test_out_of_memory_batches_are_split_in_halves(base_spec: Any,
     _core._optimize(jobs)
     assert [j.error for j in jobs] == [None] * 5
     assert [j.outcome for j in jobs] == [f"outcome of seed {i}" for i in range(5)]
-    assert engine.calls == [[0, 1, 2, 3, 4], [0, 1], [2, 3, 4], [2], [3, 4]]
+    assert engine.calls == [[0, 1, 2, 3, 4], [0, 1, 2], [0, 1], [2], [3, 4]]
 
 
 def test_torch_out_of_memory_error_is_recognised() -> None:

@@ -1,11 +1,13 @@
 """Job directories: the only code that writes (and, for resume, reads) a job's files.
 
 Every file goes to a temporary name in the same directory and is renamed into place, so a reader
-never sees half a file and a crash leaves either the old file or the new one. result.json is
+never sees half a file and a crash leaves either the old file or the new one; the file and then
+its directory are fsync'ed, so a finished job also survives a power cut. result.json is
 written last: its presence marks a finished job (Hydra's own ``.hydra/*.yaml`` are Hydra's and
 are written by Hydra, not through here).
 
-Files (see docs/CONTRACTS.md): image.png, before_blur.png, image.npy, trace.csv, result.json.
+Files (see docs/CONTRACTS.md): image.png, before_blur.png, image.npy, trace.csv, result.json;
+state.pt beside an interrupted job (what resume continues from).
 
 Resume (``resume=true``) reads result.json back: :func:`completed` says whether a job directory
 already holds an ``ok`` result for the same config (:func:`config_hash`) with all its files.
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # torch is imported only when a job is really written
 
 RESULT = "result.json"
 FILES = ("image.png", "before_blur.png", "image.npy", "trace.csv", RESULT)
+STATE = "state.pt"  # an interrupted job's optimizer state (engine's JobOutcome.state)
 
 
 def _umask() -> int:
@@ -44,8 +47,24 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot
+    be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory: nothing more to do there
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write `path` through `write(file)` into a temporary sibling, then rename it into place."""
+    """Write `path` through `write(file)` into a temporary sibling, fsync it, rename it into place,
+    then fsync the directory (the rename itself is durable only once the directory is)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -58,6 +77,7 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def stretch(img: np.ndarray) -> np.ndarray:
@@ -90,13 +110,38 @@ def write_result(job_dir: Path, result: dict[str, Any]) -> None:
 def clear_job(job_dir: Path) -> None:
     """Remove a previous run's files before a job (re)runs: result.json first, so that no old
     result ever sits beside new images or a new config (collect then reports the job as running
-    or incomplete until the new result.json lands)."""
+    or incomplete until the new result.json lands). A saved state goes too: read it first."""
     for name in reversed(FILES):  # RESULT is last in FILES: removed first
         (Path(job_dir) / name).unlink(missing_ok=True)
+    (Path(job_dir) / STATE).unlink(missing_ok=True)
 
 
-def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None = None) -> dict:
-    """Write the five files of one job into `job_dir`; result.json last (it marks completion)."""
+def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
+    """Save an interrupted job's engine state (CPU tensors and Python scalars) as state.pt."""
+    import torch
+
+    atomic_write(Path(job_dir) / STATE, lambda f: torch.save(dict(state), f))
+
+
+def read_state(job_dir: Path) -> dict[str, Any] | None:
+    """The state saved by :func:`write_state`, or None when missing or unreadable."""
+    import torch
+
+    try:
+        state = torch.load(Path(job_dir) / STATE, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated or from an incompatible torch: start from step 0
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None = None,
+              flag: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+              state: Mapping[str, Any] | None = None) -> dict:
+    """Write the five files of one job into `job_dir`; result.json last (it marks completion).
+
+    `flag(result)` may add fields to result.json (an outcome that deserves a warning); `state`
+    (an interrupted job's) is saved as state.pt before result.json, else any old state.pt goes.
+    """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / RESULT).unlink(missing_ok=True)  # an old result never describes the new files
@@ -121,16 +166,25 @@ def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None =
         **outcome.info,
         **(extra or {}),
     }
+    result.update({"flag": None, "flag_message": None})
+    if flag is not None:
+        result.update(flag(result) or {})
+    if state is not None:
+        write_state(job_dir, state)
+    else:
+        (job_dir / STATE).unlink(missing_ok=True)
     write_result(job_dir, result)
     return result
 
 
-def write_failure(job_dir: Path, error: str, extra: dict[str, Any] | None = None) -> dict:
-    """Record a job that raised: result.json with status "failed" and the error text."""
+def write_failure(job_dir: Path, error: str, extra: dict[str, Any] | None = None,
+                  status: str = "failed") -> dict:
+    """Record a job that raised (status "failed") or was refused before it started
+    ("not_started"): result.json with the status and the error text, and no other file."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     clear_job(job_dir)  # a previous run's images must not be analysed as this failure's
-    result = {"status": "failed", "activation": None, "steps": 0, "seconds": None, "device": None,
+    result = {"status": status, "activation": None, "steps": 0, "seconds": None, "device": None,
               "error": error, **(extra or {})}
     write_result(job_dir, result)
     return result
@@ -156,7 +210,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
     ``resume`` flag are left out, so re-running the same sweep with ``resume=true`` gives the
     same hash, and any changed value (steps, lr, seed, ...) a different one.
     """
-    body = {k: v for k, v in config.items() if k not in ("hydra", "resume")}
+    body = {k: v for k, v in config.items() if k not in ("hydra", "resume", "resume_any_version")}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       default=repr)
     return hashlib.sha256(text.encode()).hexdigest()

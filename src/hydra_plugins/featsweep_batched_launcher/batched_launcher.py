@@ -19,9 +19,11 @@ class BatchedLauncher(Launcher):
     settings of :class:`~hydra_plugins.featsweep_batched_launcher.config.BatchedLauncherConf`).
     """
 
-    def __init__(self, max_batch: int = 64, backend: str = "local", **submitit: Any) -> None:
+    def __init__(self, max_batch: int = 64, backend: str = "local", dry_run: bool = False,
+                 **submitit: Any) -> None:
         self.max_batch = max_batch
         self.backend = backend
+        self.dry_run = dry_run
         self.submitit: dict[str, Any] = {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in submitit.items()}

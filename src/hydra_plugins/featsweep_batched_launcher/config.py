@@ -12,13 +12,18 @@ from hydra.core.config_store import ConfigStore
 class BatchedLauncherConf:
     _target_: str = "hydra_plugins.featsweep_batched_launcher.batched_launcher.BatchedLauncher"
     # Images per engine batch. Jobs sharing model, weights, image size and space, device and
-    # precision are packed into batches of at most this many; on CUDA out-of-memory a batch is
-    # split in halves and retried, so no job is lost.
+    # precision are packed into batches of at most this many; a batch the memory check says
+    # cannot fit is split up front, and on out-of-memory a batch is split in halves and retried,
+    # so no job is lost. max_batch=1 reproduces a job exactly from its config alone (a batch's
+    # size and mates change the rounding; see README, Reproducibility), at the cost of batching.
     max_batch: int = 64
     # Where each batch runs: "local" (in this process, one batch after another),
     # "submitit_local" (each batch as one submitit task on this machine; for tests) or
     # "submitit_slurm" (each batch as one SLURM task, all of them as one job array).
     backend: str = "local"
+    # List the jobs and their batches (resume decisions included) and stop: nothing is loaded,
+    # run or written. `python -m featsweep --dry-run ...` sets it.
+    dry_run: bool = False
 
     # ---- submitit settings: used only when backend is submitit_*. Same names and meanings as
     # Hydra's submitit launcher (hydra/launcher=submitit_slurm); one batch = one task = one
@@ -62,9 +67,10 @@ class BatchedLauncherConf:
     account: Optional[str] = None
     # Seconds before the time limit at which submitit sends its timeout signal (USR2).
     signal_delay_s: int = 120
-    # Times a task that hit its time limit is requeued (0 = never). A requeued batch reruns from
-    # the start; prefer resume=true on a new submission.
-    max_num_timeout: int = 0
+    # Times a task that hit its time limit is requeued (0 = never). At the USR2 signal the batch
+    # writes its finished jobs and its running ones as interrupted with their state, and the
+    # requeued task continues them from there.
+    max_num_timeout: int = 3
     # Extra sbatch options, e.g. {"mail-user": "me@lab.org", "mail-type": "END"}.
     additional_parameters: Dict[str, Any] = field(default_factory=dict)
     # Most batches (array tasks) running at the same time.
