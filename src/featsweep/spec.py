@@ -388,7 +388,7 @@ class RunSpec:
 
 # Keys of the composed config that code outside from_config reads (so they are known keys).
 # Add a key here when another module reads it from the job config.
-KEYS_READ_ELSEWHERE: set[str] = {"resume", "optimized_metric"}
+KEYS_READ_ELSEWHERE: set[str] = {"resume", "optimized_metric", "resume_any_version"}
 
 # Values that mean something else than their spelling suggests.
 _SYNONYMS = {"gpu": "cuda", "cuda:0": "cuda", "nvidia": "cuda", "cpu:0": "cpu", "float32": "fp32",
