@@ -159,15 +159,20 @@ def _rel_link(target: Path, out_dir: Path) -> str | None:
 
 
 def _table(frame: pd.DataFrame, *, table_id: str, groups: Mapping[str, str] | None = None,
-           lead: Mapping[str, Sequence[str]] | None = None, caption: str = "") -> str:
+           lead: Mapping[str, Sequence[str]] | None = None, caption: str = "",
+           constant: Sequence[str] = ()) -> str:
     """A sortable, filterable table of `frame`: a header of column names (click: sort), a row
     of filter boxes, one row per frame row. `lead` holds pre-rendered HTML for a first column
     (the thumbnail), keyed ``"header"`` (one item) and ``"cells"`` (one per row)."""
     columns = [str(c) for c in frame.columns]
     group_of = groups or {}
 
+    def names(col: str) -> list[str]:
+        return ([f"g-{group_of[col]}"] if col in group_of else []) + \
+            (["g-constant"] if col in constant else [])
+
     def cls(col: str) -> str:
-        return f' class="g-{group_of[col]}"' if col in group_of else ""
+        return f' class="{" ".join(names(col))}"' if names(col) else ""
 
     head = [f"<th>{_e(lead['header'][0])}</th>"] if lead else []
     filters = ['<th></th>'] if lead else []
@@ -181,8 +186,7 @@ def _table(frame: pd.DataFrame, *, table_id: str, groups: Mapping[str, str] | No
         cells = [f"<td>{lead['cells'][r]}</td>"] if lead else []
         for col, value in zip(columns, values):
             text = _cell_text(value)
-            classes = ([f"g-{group_of[col]}"] if col in group_of else []) + \
-                (["long"] if len(text) > 40 else [])
+            classes = names(col) + (["long"] if len(text) > 40 else [])
             attrs = f' class="{" ".join(classes)}"' if classes else ""
             if len(text) > 40:
                 attrs += f' title="{_e(text)}"'
@@ -252,8 +256,9 @@ def _num_key(text: str) -> float:
 def _claims_section(claims: pd.DataFrame, out_dir: Path) -> list[str]:
     if claims.empty:
         return ["<p>No claims were tested.</p>"]
-    parts = [_table(claims, table_id="claims",
-                    caption="One row per claim (claims.csv); click a header to sort.")]
+    parts = ['<div class="scroll">' + _table(
+        claims, table_id="claims", caption="One row per claim (claims.csv); click a header to "
+                                           "sort.") + "</div>"]
     for number, row in enumerate(claims.to_dict("records"), start=1):
         figures = sorted(out_dir.glob(f"claim_{number:02d}_*.png")) + \
             sorted(out_dir.glob(f"sheet_{number:02d}_*.png"))
@@ -413,7 +418,13 @@ def write_html_report(out_dir: str | Path, *, title: str | None = None) -> Path:
     sweep_name = title or (out.resolve().parent.name if out.name == "analysis" else out.name)
 
     config = config_columns(df)
-    shown = [c for c in df.columns if c != "job.dir"]
+    constant = {str(c) for c in df.columns
+                if df[c].map(_sort_value).nunique(dropna=False) <= 1}
+    # What a reader scans first: job, outcome, the settings that vary; then every other column
+    # in the analysis table's order (job.dir is the thumbnail's link).
+    front = [c for c in ("job.num", "status", "activation") if c in df.columns]
+    front += [c for c in config if c not in constant and c not in front]
+    shown = front + [c for c in df.columns if c not in front and c != "job.dir"]
     groups = {str(c): column_group(str(c), config) for c in shown}
     thumbs = [_thumbnail(d) for d in df.get("job.dir", pd.Series([None] * len(df)))]
     links = [_rel_link(Path(d) / "image.png", out) if isinstance(d, str) and d else None
@@ -428,11 +439,17 @@ def write_html_report(out_dir: str | Path, *, title: str | None = None) -> Path:
     controls = "".join(
         f'<label title="{_e(what)}"><input type="checkbox" data-group="{g}" checked> {g}</label>'
         for g, what in GROUPS if g in present)
+    if constant:
+        controls += (f'<label title="columns with one value in every job ({len(constant)})">'
+                     '<input type="checkbox" data-group="constant" checked> '
+                     f'constant ({len(constant)})</label>')
     activation = _file_uri(out / "activation.png")
     extras = "".join(f'<a href="{name}">{name}</a> ' for name in ("report.md", "runs.csv",
                                                                  "claims.csv")
                      if (out / name).is_file())
 
+    table = _table(df[shown], table_id="jobs", groups=groups, lead=lead,
+                   constant=sorted(constant))
     body = [
         f"<h1>Sweep analysis: {_e(sweep_name)}</h1>",
         f"<p>{len(df)} job(s){': ' + _e(status_text) if status_text else ''}. "
@@ -447,7 +464,7 @@ def write_html_report(out_dir: str | Path, *, title: str | None = None) -> Path:
         f'<div class="wrap"><div id="controls">columns: {controls}'
         '<input class="filter-all" data-table="jobs" type="search" placeholder="filter all columns" '
         f'aria-label="filter all columns"><span id="jobs-count"></span></div>'
-        f'<div class="scroll">{_table(df[shown], table_id="jobs", groups=groups, lead=lead)}'
+        f'<div class="scroll">{table}'
         "</div></div>",
     ]
     if activation:
