@@ -113,9 +113,9 @@ _MODELS: dict[tuple, tuple[nn.Module, list]] = {}
 
 
 def _probe_size(spec: RunSpec) -> int:
+    # A size the network is known to run at: its fixed size, else 64 px within [min, default].
     info = model_info(spec.model)
-    size = max(info.min_size, 64)
-    return min(size, info.max_size) if getattr(info, "max_size", None) else size
+    return info.max_size or min(max(info.min_size, 64), info.default_size)
 
 
 def load_network(spec: RunSpec, device: torch.device) -> tuple[nn.Module, list]:

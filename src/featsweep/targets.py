@@ -83,10 +83,21 @@ class LayerInfo:
     shape: tuple[int, ...]  # output shape without the batch dim, e.g. (C, H, W)
     calls: int  # times the module ran in one forward (shared modules run more than once)
     order: int  # position of its first output in the forward
+    output: str = "tensor"  # "tensor"; "tokens": a (N, C) output, shape given as (C, 1, N)
+    # (see as_feature_map); else the output's type name (tuple, dict, ...): not targetable
 
 
-def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> list[LayerInfo]:
-    """Run one forward at `size`×`size` and list every named module's output, in execution order."""
+def as_feature_map(t: torch.Tensor) -> torch.Tensor:
+    """A layer output as (B, C, h, w): token outputs (B, N, C) of ViT blocks become (B, C, 1, N),
+    a row of N tokens (``channel`` = mean over tokens of feature C, ``neuron`` at x = token, y = 0);
+    (B, C, H, W) maps are returned as they are."""
+    return t.transpose(1, 2).unsqueeze(2) if t.dim() == 3 else t
+
+
+def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu",
+                 in_channels: int = 3) -> list[LayerInfo]:
+    """Run one forward of a (1, in_channels, size, size) zero image and list every named module's
+    output, in execution order. Token outputs (1, N, C) are listed as (C, 1, N), output "tokens"."""
     seen: dict[str, list] = {}
     handles = []
     for name, module in model.named_modules():
@@ -94,20 +105,24 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
             continue
 
         def hook(mod: nn.Module, inp: object, out: object, name: str = name) -> None:
-            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
+            if isinstance(out, torch.Tensor):
+                output = "tokens" if out.dim() == 3 else "tensor"
+                shape = tuple(as_feature_map(out).shape[1:])
+            else:
+                output, shape = type(out).__name__, ()
             if name in seen:
                 seen[name][1] += 1
             else:
-                seen[name] = [shape, 1, len(seen), type(mod).__name__]
+                seen[name] = [shape, 1, len(seen), type(mod).__name__, output]
 
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device))
+            model(torch.zeros(1, in_channels, size, size, device=device))
     finally:
         for h in handles:
             h.remove()
-    infos = [LayerInfo(n, v[3], v[0], v[1], v[2]) for n, v in seen.items()]
+    infos = [LayerInfo(n, v[3], v[0], v[1], v[2], v[4]) for n, v in seen.items()]
     return sorted(infos, key=lambda i: i.order)
 
 
@@ -123,6 +138,11 @@ def check_targets(model: nn.Module, layers: Sequence[LayerInfo],
             hint = f"close names: {', '.join(close)}; " if close else ""
             raise config_error("target.layer", layer, f"{model_name} has no such layer ({hint}"
                                f"list them: python -m featsweep.layers model={model_name})")
+        if info.output not in ("tensor", "tokens"):
+            raise config_error("target.layer", layer, f"its output is a {info.output}, not a "
+                               "tensor, so it has no channels to maximize; target one of its "
+                               "submodules, or the module that consumes it (python -m "
+                               f"featsweep.layers model={model_name} --all lists them)")
         if len(info.shape) != 3:
             raise config_error("target.layer", layer, f"its output has shape {info.shape}, not "
                                "(channels, height, width); choose a convolutional layer")
@@ -179,6 +199,7 @@ class LayerReader:
                             "target.relu", "pre", f"the output of layer {layer} is not produced by "
                             "a ReLU (nor a concatenation of ReLU outputs), so it has no pre-ReLU "
                             "form; use target.relu=post, or target a layer that ends in a ReLU")
+                    value = as_feature_map(value)  # token outputs (B, N, C) -> (B, C, 1, N)
                     found[(layer, relu)] = value if last else value.clone()
                 if last:
                     raise _StopForward
@@ -205,12 +226,13 @@ class LayerReader:
 
 
 def has_pre_relu(model: nn.Module, order: Sequence[str], layer: str, size: int,
-                 device: torch.device | str = "cpu") -> bool:
+                 device: torch.device | str = "cpu", in_channels: int = 3) -> bool:
     """Whether `layer`'s output is made of ReLU outputs (so a pre-ReLU target exists): one
-    truncated forward of a zero image at `size`×`size`."""
+    truncated forward of a (1, in_channels, size, size) zero image."""
+    x = torch.zeros(1, in_channels, size, size, device=device)
     try:
         with torch.no_grad():
-            LayerReader(model, [(layer, "pre")], order)(torch.zeros(1, 3, size, size, device=device))
+            LayerReader(model, [(layer, "pre")], order)(x)
     except ConfigError:
         return False
     return True
