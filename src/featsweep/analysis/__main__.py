@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = write_report(args.sweep_dir, claims_file=args.claims, out_dir=args.out,
                               quality=args.quality or args.natural is not None,
                               natural_dir=args.natural)
+        from featsweep.analysis.html import write_html_report
+
+        write_html_report(report.parent)  # report.html beside report.md, from the same run
     except (UserError, ClaimsError) as exc:
         message = str(exc)
         if not message.startswith("featsweep"):
@@ -59,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. the output directory is not writable
         print(f"featsweep.analysis: cannot write the analysis: {exc}", file=sys.stderr)
         return 2
-    print(f"featsweep.analysis: wrote {report} (and tables and pictures beside it)")
+    print(f"featsweep.analysis: wrote {report} and report.html (and tables and pictures beside "
+          "them)")
     return 0
 
 

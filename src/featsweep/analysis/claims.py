@@ -98,8 +98,9 @@ COLUMN_DEFINITIONS: dict[str, str] = {
                "wholly inside ±min_effect), inconclusive, no data, or not in this sweep",
     "p_holm": "p_value after Holm's step-down adjustment over the claims tested together",
     "verdict_holm": "the verdict with p_holm < 0.05 in place of the CI",
-    "monotone": "ordered factors with 3+ levels: 'no: …' when a step between adjacent levels "
-                "goes significantly against the overall trend, else 'yes'; empty otherwise",
+    "monotone": "ordered factors with 3+ levels: 'no: …' when the paired step between adjacent "
+                "levels goes against the overall trend with a CI that excludes 0, 'doubtful: …' "
+                "when only its estimate does, else 'yes'; empty for two levels",
     "n_unconverged": "jobs used whose activation still rose ≥ 1 % over the last 10 % of steps "
                      "(trace.converged false); empty when the table has no trace.converged",
     "dropped": "groups and jobs left out, and why",
@@ -175,13 +176,20 @@ def level_table(df: pd.DataFrame, claim: Claim, *, n_boot: int = N_BOOT, seed: i
 
 
 def _monotone(levels: pd.DataFrame, sign: float) -> str:
-    against = []
+    """``yes``; ``no: 3→5 rises`` when a step's CI lies against the trend's sign; ``doubtful:
+    3→5 rises`` when only its estimate does (its CI includes 0)."""
+    against, doubtful = [], []
     for i in range(1, len(levels)):
-        low, high = levels["step_low"].iat[i], levels["step_high"].iat[i]
-        if (sign < 0 and low > 0) or (sign > 0 and high < 0):
-            word = "rises" if low > 0 else "falls"
-            against.append(f"{levels['level'].iat[i - 1]}→{levels['level'].iat[i]} {word}")
-    return "no: " + ", ".join(against) if against else "yes"
+        step, low, high = (levels[c].iat[i] for c in ("step", "step_low", "step_high"))
+        if not np.isfinite(step) or step * sign >= 0:
+            continue
+        text = f"{levels['level'].iat[i - 1]}→{levels['level'].iat[i]} {'rises' if step > 0 else 'falls'}"
+        (against if (low > 0 or high < 0) else doubtful).append(text)
+    if against:
+        return "no: " + ", ".join(against)
+    if doubtful:
+        return "doubtful: " + ", ".join(doubtful) + " (CI includes 0)"
+    return "yes"
 
 
 def _no_data_row(df: pd.DataFrame, claim: Claim, verdict: str, reason: str) -> dict[str, Any]:
@@ -261,8 +269,10 @@ def evaluate(
         if paired.test == "spearman" and paired.level_means.shape[1] >= 3:
             levels = _level_stats(paired, n_boot, _claim_rng(seed, claim, 1))
             monotone = _monotone(levels, stat)
-            if monotone != "yes":
+            if monotone.startswith("no"):
                 extra.append(f"not monotone ({monotone[4:]}): see the per-level means")
+            elif monotone != "yes":
+                extra.append(f"perhaps not monotone ({monotone[10:]}): see the per-level means")
         n_unconverged: float = np.nan
         if "trace.converged" in paired.rows.columns:
             flags = [canon(v) for v in paired.rows["trace.converged"].tolist()]

@@ -55,9 +55,13 @@ def _load_display(path: Path) -> np.ndarray:
 
 def _load_raw(path: Path) -> np.ndarray:
     arr = np.load(path, allow_pickle=False)
-    if arr.ndim != 3 or arr.shape[-1] != 3 or not np.issubdtype(arr.dtype, np.number):
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3) or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"holds an array of shape {arr.shape} and dtype {arr.dtype}, "
-                         f"expected H×W×3 float")
+                         f"expected H×W×3 (or H×W×1 grayscale) float")
+    if arr.shape[-1] == 1:
+        # A grayscale model's image: measured as the grey RGB image it is (luma = the channel,
+        # colourfulness 0), as image.png is (PIL's convert("RGB") replicates the channel).
+        arr = np.repeat(arr, 3, axis=-1)
     return arr.astype(np.float32, copy=False)
 
 

@@ -236,6 +236,15 @@ def pair(df: pd.DataFrame, claim: Claim, group_columns: Sequence[str] | None = N
     if test == "spearman":
         levels_text = " < ".join(show(("num", v)) for v in sorted(set(x[used])))
 
+    # Name groups by the columns that still vary among the groups used (the arms that were
+    # dropped, e.g. other one-factor-at-a-time arms, no longer lengthen every key).
+    if keyed:
+        shown = [i for i, col in enumerate(keyed)
+                 if len({canon_cols[i][r] for r in np.flatnonzero(used)}) > 1] or list(range(len(keyed)))
+        group_text = [", ".join(f"{keyed[i]}={show(t[i])}" for i in shown) or ALL_GROUP
+                      for t in key_tuples]
+        if unit is None:
+            unit_text = list(group_text)
     texts = pd.Series(group_text).groupby(group_rank).first()
     units = pd.Series(unit_text).groupby(group_rank).first()
     counts = work[used].groupby("rank").size()

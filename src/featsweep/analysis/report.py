@@ -293,6 +293,8 @@ def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
         flags = []
         if str(r.get("monotone", "")).startswith("no"):
             flags.append("not monotone")
+        elif str(r.get("monotone", "")).startswith("doubtful"):
+            flags.append("monotone?")
         unconverged = r.get("n_unconverged")
         if isinstance(unconverged, float) and unconverged > 0:
             flags.append(f"{int(unconverged)} unconverged")
@@ -327,7 +329,8 @@ def _definitions() -> list[str]:
     for name, text in COLUMN_DEFINITIONS.items():
         short = back.get(name)
         lines.append(f"- `{name}`{f' ({short})' if short and short != name else ''}: {text}.")
-    lines += ["- flags: *not monotone* (see `monotone`), *N unconverged* (see `n_unconverged`).", ""]
+    lines += ["- flags: *not monotone* / *monotone?* (see `monotone`), *N unconverged* (see "
+              "`n_unconverged`).", ""]
     return lines
 
 
