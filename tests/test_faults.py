@@ -205,11 +205,16 @@ def test_sigterm_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path: Pat
         assert res["steps_requested"] == 600
         for name in FILES:
             assert (sweep / str(i) / name).is_file()
+        assert (sweep / str(i) / "state.pt").is_file()  # what resume continues from
     assert not (sweep / "4").exists() and not (sweep / "5").exists()
     finished = {i: mtimes(sweep / str(i)) for i in (0, 1)}
 
     out = run_to_end(tmp_path, *args, f"hydra.sweep.dir={sweep}", "resume=true")
     assert "resume: 2 of 6 jobs already finished ok" in out
+    assert "resume: 2 interrupted job(s) continue from their saved state: #2 (interrupted after" \
+        in out
+    assert "continuing from step" in out  # not from step 0
+    assert not (sweep / "2" / "state.pt").exists()  # finished: the state is gone
     assert {i: mtimes(sweep / str(i)) for i in (0, 1)} == finished  # untouched
 
     run_to_end(tmp_path, *args, f"hydra.sweep.dir={reference}")
