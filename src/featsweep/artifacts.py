@@ -97,9 +97,15 @@ def stretch(img: np.ndarray) -> np.ndarray:
 
 
 def _png(img_u8: np.ndarray) -> Callable[[io.BufferedWriter], None]:
+    """(H, W, C) uint8 -> PNG writer: RGB for C = 3, grayscale for C = 1 (a grayscale model's
+    image), and for other C the channels side by side as one grayscale (H, W·C) strip."""
     from PIL import Image
 
-    return lambda f: Image.fromarray(img_u8).save(f, format="PNG")
+    if img_u8.ndim == 3 and img_u8.shape[-1] == 1:
+        img_u8 = img_u8[..., 0]
+    elif img_u8.ndim == 3 and img_u8.shape[-1] != 3:
+        img_u8 = np.concatenate(list(np.moveaxis(img_u8, -1, 0)), axis=1)
+    return lambda f: Image.fromarray(np.ascontiguousarray(img_u8)).save(f, format="PNG")
 
 
 def write_result(job_dir: Path, result: dict[str, Any]) -> None:

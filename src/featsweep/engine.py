@@ -147,7 +147,7 @@ def validate(specs: Sequence[RunSpec]) -> None:
                                "param.decorrelate=false")
         model, layers = load_network(spec, device)
         check_targets(model, layers, [(spec.target.layer, spec.target.relu, spec.target.channel)],
-                      spec.model.name)
+                      spec.model.cli)
         if spec.target.relu == "pre":
             _check_pre_relu(spec, model, layers, device)
         if spec.target.kind == "neuron" and (spec.target.x is not None or spec.target.y is not None):
@@ -173,7 +173,7 @@ def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch
             "target.relu", "pre", f"the output of layer {spec.target.layer} is not produced by a "
             "ReLU (nor a concatenation of ReLU outputs), so it has no pre-ReLU form; use "
             "target.relu=post, or target a layer that ends in a ReLU (python -m featsweep.layers "
-            f"model={spec.model.name} marks them)")
+            f"model={spec.model.cli} marks them)")
     _PRE_OK.add(key)
 
 
@@ -400,7 +400,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
     begin = torch.tensor(begin_list, device=device)
     start = min(begin_list)
     log_every = min(s.log_every for s in specs)
-    label = f"[{first.model.name} {first.image.size}px {device.type} batch of {batch}]"
+    label = f"[{first.model.label} {first.image.size}px {device.type} batch of {batch}]"
     progress = _Progress(max_steps, batch, label, emit, begin=start)
     kinds = sorted({s.param.kind for s in specs})
     emit(f"{label} optimizing {batch} image(s) for {max_steps} steps "
