@@ -1,0 +1,143 @@
+"""End to end with networks named by config (issue 10): sweeps of a custom network featsweep does
+not know, torchvision classifiers by name, a grayscale network, ViT token layers, timm.
+
+Tiny sizes and a few steps: these check that the run works and the objective moves the right
+way, not what the pictures look like.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.singleton import Singleton
+from PIL import Image
+
+import featsweep
+from _cli import cli_env, run_module
+from featsweep.engine import run_batch
+from featsweep.metrics import image_stats
+from featsweep.spec import RunSpec, from_config
+
+pytestmark = pytest.mark.usefixtures("hydra_restore_singletons")
+
+CONF = Path(featsweep.__file__).resolve().parent / "conf"
+TESTS = Path(__file__).resolve().parent
+SMALL_NET = ["model=custom", "model._target_=featsweep_testnets.make_small_net",
+             "model.mean=[0.5,0.5,0.5]", "model.std=[0.25,0.25,0.25]", "model.size=32"]
+RISE = ["optimizer=adam", "optimizer.lr=0.05", "blur=none", "device=cpu", "log_every=100"]
+TINY_VIT = ["model=custom", "model._target_=torchvision.models.VisionTransformer",
+            "+model.image_size=32", "+model.patch_size=8", "+model.num_layers=2",
+            "+model.num_heads=2", "+model.hidden_dim=16", "+model.mlp_dim=32",
+            "+model.num_classes=10", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
+            "model.size=32", "model.min_size=32"]
+
+
+@pytest.fixture(scope="module")
+def hydra_conf() -> Iterator[None]:
+    state = Singleton.get_state()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            yield
+    finally:
+        Singleton.set_state(state)
+
+
+def specs(common: list[str], *jobs: list[str]) -> list[RunSpec]:
+    return [from_config(compose("config", overrides=[*common, *job])) for job in jobs]
+
+
+def sweep(tmp_path: Path, *args: str) -> list[dict]:
+    """``python -m featsweep -m ARGS`` with the test networks importable; the jobs' result.json."""
+    env = cli_env()
+    env["PYTHONPATH"] = str(TESTS) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = run_module("featsweep", "-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"), key=lambda p: int(p.name))
+    return [json.loads((job / "result.json").read_text()) for job in jobs]
+
+
+def test_custom_network_sweep_is_one_batch_pre_and_post(tmp_path: Path) -> None:
+    """A network from a package featsweep does not know, 4 jobs (2 layers x pre/post ReLU,
+    module and functional ReLUs) in ONE batch; every job's channel rises."""
+    results = sweep(tmp_path, *SMALL_NET, *RISE, "steps=5", "target.channel=1",
+                    "target.layer=block_a,features.3", "target.relu=pre,post")
+    assert len(results) == 4
+    assert all(r["status"] == "ok" and r["batch_size"] == 4 for r in results), results
+    assert {tuple(r["batch_jobs"]) for r in results} == {(0, 1, 2, 3)}
+    for r in results:
+        assert r["activation"] > r["activation_start"], r
+
+
+@pytest.mark.usefixtures("hydra_conf")
+@pytest.mark.parametrize("arch, layer", [("resnet18", "layer2"), ("mobilenet_v3_small", "features.3")])
+def test_torchvision_classifier_by_name(arch: str, layer: str) -> None:
+    jobs = specs(["model=torchvision", f"model.arch={arch}", "model.weights=random",
+                  f"target.layer={layer}", "image.size=32", "steps=2", *RISE],
+                 ["target.channel=0"], ["target.channel=3", "target.relu=pre"]
+                 if arch == "resnet18" else ["target.channel=3"])
+    assert jobs[0].batch_key() == jobs[1].batch_key()
+    outcomes = run_batch(jobs)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    assert all(np.isfinite(o.activation) and o.pixels.shape == (32, 32, 3) for o in outcomes)
+
+
+def test_grayscale_network_writes_grayscale_artifacts_and_metrics(tmp_path: Path) -> None:
+    """in_channels=1: the image is (H, W, 1) end to end; image.png is an 8-bit grayscale PNG;
+    the analysis measures it as the grey image it is (luma = the channel, no colour)."""
+    gray = [*SMALL_NET[:2], "model.mean=[0.5]", "model.std=[0.25]", "model.in_channels=1",
+            "model.size=32"]
+    results = sweep(tmp_path, *gray, *RISE, "steps=4", "target.layer=block_b", "target.channel=2",
+                    "seed=0,1")
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert all(r["activation"] > r["activation_start"] for r in results)
+    from featsweep.analysis import collect
+
+    table = collect(tmp_path / "sweep").sort_values("job.num")
+    for num in (0, 1):
+        job = tmp_path / "sweep" / str(num)
+        raw = np.load(job / "image.npy")
+        assert raw.shape == (32, 32, 1) and raw.dtype == np.float32
+        png = Image.open(job / "image.png")
+        assert png.mode == "L" and png.size == (32, 32)
+        row = table[table["job.num"] == num].iloc[0]
+        assert row["raw.brightness"] == pytest.approx(float(raw.mean()), abs=1e-6)
+        assert row["raw.contrast"] == pytest.approx(float(raw.std()), rel=1e-4)
+        assert row["raw.colorfulness"] == pytest.approx(0.0, abs=1e-9)
+        display = np.asarray(png, dtype=np.float64) / 255
+        expected = image_stats(np.repeat(display[..., None], 3, axis=-1))
+        for metric in ("brightness", "contrast", "sharpness", "hf_energy"):
+            assert row[f"display.{metric}"] == pytest.approx(expected[metric], rel=1e-5, abs=1e-9)
+        assert row["display.colorfulness"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.usefixtures("hydra_conf")
+def test_vit_channel_and_token_neuron_rise() -> None:
+    """A random-weight ViT (torchvision's VisionTransformer, 2 blocks, 32 px = 16 patches + the
+    class token): one encoder block's feature as a channel (mean over tokens) and as one token's
+    neuron, in one batch; both rise."""
+    layer = "target.layer=encoder.layers.encoder_layer_1"
+    jobs = specs([*TINY_VIT, layer, "steps=8", "target.channel=5", *RISE],
+                 ["target.kind=channel"], ["target.kind=neuron", "target.token=3"])
+    outcomes = run_batch(jobs)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    for o in outcomes:
+        assert o.activation > o.activation_start + 0.05, (o.activation_start, o.activation)
+
+
+@pytest.mark.usefixtures("hydra_conf")
+def test_timm_vit_runs() -> None:
+    """timm (the timm extra), random weights: a tiny ViT at 32 px, a token neuron rises."""
+    pytest.importorskip("timm")
+    jobs = specs(["model=timm", "model.arch=vit_tiny_patch16_224", "model.weights=random",
+                  "+model.img_size=32", "target.layer=blocks.1", "target.channel=7", "steps=6",
+                  *RISE], ["target.kind=neuron", "target.token=1"], ["target.kind=channel"])
+    assert jobs[0].image.size == 32
+    outcomes = run_batch(jobs)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    assert all(o.activation > o.activation_start for o in outcomes)
