@@ -141,3 +141,24 @@ def test_timm_vit_runs() -> None:
     outcomes = run_batch(jobs)
     assert [o.status for o in outcomes] == ["ok", "ok"]
     assert all(o.activation > o.activation_start for o in outcomes)
+
+
+@pytest.mark.usefixtures("hydra_conf")
+def test_four_channel_network(tmp_path: Path) -> None:
+    """in_channels=4 (e.g. RGB + infrared): a (H, W, 4) image; image.png shows the 4 channels
+    side by side as one grayscale strip."""
+    from featsweep.artifacts import write_job
+
+    (job,) = specs([*SMALL_NET[:2], "model.mean=[0.5,0.5,0.5,0.5]", "model.std=[0.25,0.25,0.25,0.25]",
+                    "model.in_channels=4", "model.size=32", "target.layer=block_a", "steps=2", *RISE],
+                   [])
+    (outcome,) = run_batch([job])
+    assert outcome.status == "ok" and outcome.pixels.shape == (32, 32, 4)
+    write_job(tmp_path, outcome)
+    png = Image.open(tmp_path / "image.png")
+    assert png.mode == "L" and png.size == (4 * 32, 32)
+    strip = np.asarray(png)
+    optimized = outcome.optimized
+    lo, hi = optimized.min(), optimized.max()
+    expected = np.rint((optimized[..., 1] - lo) / (hi - lo) * 255)
+    assert np.abs(strip[:, 32:64].astype(float) - expected).max() <= 1
