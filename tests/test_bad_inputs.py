@@ -100,6 +100,20 @@ ROWS = {
     "resume not a bool": Row("app", ("resume=maybe",), "resume='maybe': must be true or false"),
     "weights file missing": Row("app", ("model=resnet50", "model.weights=/no/such/file.pt"),
                                 "model.weights='/no/such/file.pt': no such file"),
+    # --- the app: networks named by config (README: Your own model)
+    "custom model without normalization": Row("app", ("model=custom",
+                                                      "model._target_=torch.nn.Identity",
+                                                      "target.layer=x"),
+                                              "model.mean=None: model=custom needs the input "
+                                              "normalization"),
+    "unknown torchvision arch": Row("app", ("model=torchvision", "model.arch=resnet81",
+                                            "target.layer=layer1"),
+                                    "model.arch='resnet81': not a torchvision classifier (close "
+                                    "names: resnet18"),
+    "custom target that does not import": Row("app", ("model=custom", "model._target_=nopkg.net",
+                                                      "model.mean=[0.5,0.5,0.5]",
+                                                      "model.std=[0.5,0.5,0.5]", "target.layer=x"),
+                                              "model._target_='nopkg.net': cannot import it"),
     # --- the app: checks that need the model
     "unknown layer": Row("app", ("target.layer=nope",),
                          "target.layer='nope': tiny has no such layer"),
@@ -163,7 +177,8 @@ def test_the_table_is_big_enough() -> None:
 
 # Rows that load torch and a model, or need a finished sweep, take seconds each: marked slow.
 FAST_DOORS = ("app",)
-NEEDS_MODEL = ("unknown layer", "channel out of range", "cuda absent", "weights file missing")
+NEEDS_MODEL = ("unknown layer", "channel out of range", "cuda absent", "weights file missing",
+               "unknown torchvision arch", "custom target that does not import")
 
 
 def marks(name: str) -> list[pytest.MarkDecorator]:
