@@ -332,20 +332,19 @@ def test_cli_user_errors_exit_2_with_one_message(sweep: Path, tmp_path: Path,
 # ------------------------------------------------------------------------------- end to end
 
 
-def run_notebook(path: Path, sweep_dir: Path) -> None:
+def run_notebook(path: Path, sweep_dir: Path, out: Path) -> None:
+    """Run a notebook the way the README says: papermill, with sweep_dir as a parameter."""
     import nbformat
-    from nbclient import NotebookClient
+    import papermill
 
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    first = nb.cells.index(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])))
-    assert "sweep_dir =" in nb.cells[first].source
-    injected = nbformat.v4.new_code_cell(f"sweep_dir = {str(sweep_dir)!r}")
-    injected.metadata["tags"] = ["injected-parameters"]
-    nb.cells.insert(first + 1, injected)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(sweep_dir)}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    first = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert "sweep_dir =" in first.source
+    papermill.execute_notebook(str(path), str(out), parameters={"sweep_dir": str(sweep_dir)},
+                               kernel_name="python3", cwd=str(sweep_dir), progress_bar=False)
+    done = nbformat.read(out, as_version=4)
+    images = [o for c in done.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert images, f"{path.name} showed no picture"
 
@@ -383,4 +382,185 @@ def test_end_to_end_smoke_sweep_cli_and_notebooks(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert "![" in report and "| ok | 8 |" in report
     for notebook in ("claims.ipynb", "explore.ipynb"):
-        run_notebook(ROOT / "analysis" / notebook, sweep)
+        run_notebook(ROOT / "analysis" / notebook, sweep, tmp_path / f"out_{notebook}")
+    # Hydra's own multirun.yaml plans 8 jobs: with two job directories gone (a sweep killed
+    # before they started), the report says so and names them.
+    import shutil
+
+    gone = [runs.loc[i, "job.overrides"] for i in (6, 7)]
+    for i in (6, 7):
+        shutil.rmtree(sweep / str(i))
+    again = subprocess.run([sys.executable, "-m", "featsweep.analysis", str(sweep)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    report = (out / "report.md").read_text()
+    assert "**Incomplete: 2 of 8 planned jobs have no directory.**" in report
+    assert all(f"| {o} |" in report for o in gone), gone
+
+
+# ------------------------------------------------------------- honest outcomes, sweeps, pictures
+
+
+def multirun_yaml(sweep: Path, task: list[str], params: dict | None = None,
+                  sweeper: str = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper") -> None:
+    """The parts of Hydra's multirun.yaml the analysis reads (Hydra writes the whole config)."""
+    sweep.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": sweeper, "max_batch_size": None, "params": params},
+        "overrides": {"hydra": [f"hydra.sweep.dir={sweep}"], "task": task},
+    }, "steps": 10}))
+
+
+def test_not_started_job_is_reported_not_started_with_its_error(sweep: Path, tmp_path: Path) -> None:
+    """A run rejected at validation gets result.json status not_started (written by the app)."""
+    job = sweep / "4"
+    hydra_files(job, 4, ["optimizer.weight_decay=0.0", "seed=2", "experiment=x"], config(0.0, 2))
+    (job / "result.json").write_text(json.dumps({
+        "status": "not_started", "error": "featsweep: blur.k must be odd and ≥ 1, got 4"}))
+    df = collect(sweep)
+    assert df.loc[4, "status"] == "not_started"
+    text = write_report(sweep, out_dir=tmp_path / "out", n_boot=200).read_text()
+    assert "| not started | 1 |" in text and "| running |" not in text
+    assert "blur.k must be odd and ≥ 1, got 4" in text
+
+
+def test_killed_sweep_lists_its_missing_jobs(tmp_path: Path) -> None:
+    """6 planned (3 seeds × 2 weight decays), 2 on disk: one finished, one killed mid-run."""
+    sweep = tmp_path / "killed"
+    multirun_yaml(sweep, ["optimizer.weight_decay=0.0,0.1", "experiment=x"], {"seed": "0,1,2"})
+    for num, (seed, wd) in enumerate([(0, 0.0), (0, 0.1)]):
+        job = sweep / str(num)
+        hydra_files(job, num, [f"seed={seed}", f"optimizer.weight_decay={wd}", "experiment=x"],
+                    config(wd, seed))
+    write_job(sweep / "0", outcome(np.full((H, W, 3), 0.25)))
+    old = time.time() - 7200  # job 1 started, then the sweep was SIGKILLed long ago
+    for path in [sweep / "1", *(sweep / "1").rglob("*")]:
+        os.utime(path, (old, old))
+    text = write_report(sweep, out_dir=tmp_path / "out", n_boot=200).read_text()
+    assert "**Incomplete: 4 of 6 planned jobs have no directory.**" in text
+    for missing in ("seed=1 optimizer.weight_decay=0.0", "seed=2 optimizer.weight_decay=0.1"):
+        assert f"{missing} experiment=x |" in text
+    assert "| incomplete | 1 |" in text and "| ok | 1 |" in text
+    # A complete sweep says nothing of the kind; a sweeper that plans as it goes has no plan.
+    from featsweep.analysis.report import sweep_status
+
+    multirun_yaml(sweep, ["optimizer.weight_decay=0.0,0.1", "experiment=x"], {"seed": "0"})
+    assert sweep_status(collect(sweep), sweep)["missing"].tolist() == [0]
+    multirun_yaml(sweep, ["seed=0"], sweeper="hydra_plugins.hydra_optuna_sweeper.OptunaSweeper")
+    assert "picks jobs as it goes" in sweep_status(collect(sweep), sweep)["note"].iloc[0]
+
+
+def test_a_folder_of_several_sweeps_says_so_and_lists_each(tmp_path: Path) -> None:
+    for name, seeds in (("a", (0, 1)), ("b", (5,))):
+        sweep = tmp_path / name
+        multirun_yaml(sweep, [f"seed={','.join(map(str, seeds))}"])
+        for num, seed in enumerate(seeds):
+            hydra_files(sweep / str(num), num, [f"seed={seed}"], config(0.0, seed))
+            write_job(sweep / str(num), outcome(np.full((H, W, 3), 0.5)))
+    df = collect(tmp_path)
+    assert df["job.sweep"].tolist() == ["a", "b", "a"]  # sorted by job.num, then dir
+    text = write_report(tmp_path, out_dir=tmp_path / "out", n_boot=200).read_text()
+    assert "**This folder holds 2 sweeps**" in text
+    assert "| a | 2 | 2 | 0 | 2 ok |" in text and "| b | 1 | 1 | 0 | 1 ok |" in text
+
+
+def test_raw_metrics_use_the_unclipped_image(tmp_path: Path) -> None:
+    job = tmp_path / "0"
+    hydra_files(job, 0, [], config(0.0, 0))
+    pixels = np.full((H, W, 3), 1.5, np.float32)
+    pixels[:, : W // 2] = -0.5  # an unclamped run: half the image below 0, half above 1
+    write_job(job, outcome(pixels))
+    row = collect(tmp_path).iloc[0]
+    assert row["raw.brightness"] == pytest.approx(0.5, abs=1e-6)  # clipped, it would be 0.5 too …
+    assert row["raw.contrast"] == pytest.approx(1.0, abs=1e-6)  # … but its contrast would be 0.5
+    assert np.isfinite([row[f"raw.{m}"] for m in METRICS if m not in ("spectral_slope",)]).all()
+    assert row["display.contrast"] == pytest.approx(0.5)
+
+
+def planted_sweep(root: Path, shift: float) -> Path:
+    """8 channels × 2 seeds × weight decay 0 / 0.1 as real job directories: raw brightness =
+    0.4 + channel/seed offset + shift·[wd = 0.1] + small noise."""
+    rng = np.random.default_rng(0)
+    num = 0
+    for channel in range(8):
+        for seed in range(2):
+            offset = rng.normal(0.0, 0.05)
+            for wd in (0.0, 0.1):
+                cfg = config(wd, seed)
+                cfg["target"]["channel"] = channel
+                job = root / str(num)
+                hydra_files(job, num, [f"target.channel={channel}", f"seed={seed}",
+                                       f"optimizer.weight_decay={wd}"], cfg)
+                value = 0.4 + offset + (shift if wd else 0.0) + rng.normal(0.0, 0.005)
+                write_job(job, outcome(np.full((H, W, 3), value)))
+                num += 1
+    return root
+
+
+def test_planted_effect_in_real_job_directories_is_found(tmp_path: Path) -> None:
+    claim = Claim("wd darker", "optimizer.weight_decay", "raw.brightness", "decrease")
+    found = claims_table(collect(planted_sweep(tmp_path / "planted", -0.1)), [claim], n_boot=2000).iloc[0]
+    assert found["verdict"] == "supported" and found["n_units"] == 8 and found["n_groups"] == 16
+    assert found["effect"] == pytest.approx(-0.1, abs=0.005)
+    assert 0.02 < found["min_effect"] < 0.1  # the seeds' offsets at fixed settings
+    null = claims_table(collect(planted_sweep(tmp_path / "null", 0.0)), [claim], n_boot=2000).iloc[0]
+    assert null["verdict"] == "negligible" and null["reason"].startswith("effect CI")
+
+
+def test_report_defines_its_columns_and_flags_unconverged_claims(sweep: Path, tmp_path: Path) -> None:
+    text = write_report(sweep, out_dir=tmp_path / "out", n_boot=200).read_text()
+    assert "- `effect` (effect [95 % CI]): the same mean of the per-group change" in text
+    for column in ("unit", "n_units", "min_effect", "verdict_holm", "monotone", "dropped", "reason"):
+        assert f"- `{column}`" in text
+    assert "Convergence: 0 of 4 job(s) with a trace converged" in text
+    assert "| 4 unconverged |" in text  # the claim row's flag
+    claims = pd.read_csv(tmp_path / "out" / "claims.csv")
+    assert claims["n_unconverged"].max() == 4  # the weight-decay claim (the others: not in sweep)
+
+
+def test_contact_sheet_wraps_a_long_row_and_claims_get_their_own_sheet(tmp_path: Path) -> None:
+    from featsweep.analysis.figures import claim_sheet, contact_sheet
+
+    for num in range(16):  # -m target.channel=range(0,16): one factor with 16 values
+        cfg = config(0.0, 0)
+        cfg["target"]["channel"] = num
+        hydra_files(tmp_path / str(num), num, [f"target.channel={num}"], cfg)
+        write_job(tmp_path / str(num), outcome(np.full((H, W, 3), 0.5)))
+    df = collect(tmp_path)
+    width, height = contact_sheet(df).get_size_inches()
+    assert width < 14 and height > 2 * 1.5  # 4 × 4, not one 16-image row (> 24 in wide)
+    sheet = claim_sheet(planted := collect(planted_sweep(tmp_path / "p", -0.1)),
+                        Claim("wd", "optimizer.weight_decay", "raw.brightness", "decrease"))
+    axes = [ax for ax in sheet.axes if ax.images]
+    assert len(axes) == 32 and len(planted) == 32  # 2 levels (columns) × 16 groups (rows)
+    assert len(sheet.axes) == 32
+
+
+def test_activation_plot_legend_is_by_factor_not_by_job(tmp_path: Path) -> None:
+    from featsweep.analysis.figures import activation_curves
+
+    num = 0
+    for wd in (0.0, 0.1):
+        for seed in range(7):
+            hydra_files(tmp_path / str(num), num, [f"optimizer.weight_decay={wd}", f"seed={seed}"],
+                        config(wd, seed))
+            write_job(tmp_path / str(num), outcome(np.full((H, W, 3), 0.5)))
+            num += 1
+    fig = activation_curves(collect(tmp_path))
+    ax = fig.axes[0]
+    assert len(ax.lines) == 14
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "optimizer.weight_decay=0.0", "optimizer.weight_decay=0.1"]
+    assert len({line.get_color() for line in ax.lines}) == 2  # one colour per setting
+
+
+def test_saved_table_rebuilds_the_committed_study_claims() -> None:
+    """docs/study/runs.parquet (the committed study) still goes through the claims."""
+    from featsweep.analysis.claims import load_claims, notes_claims_path
+    from featsweep.analysis.report import load_table
+
+    df = load_table(ROOT / "docs" / "study" / "runs.parquet")
+    table = claims_table(df, load_claims(notes_claims_path()), n_boot=500)
+    assert len(table) == 12 and (table["n_units"] == 5).all() and (table["n_groups"] == 10).all()
+    assert (table["verdict"] == "inconclusive").all()  # 5 channels < 8 units, and it says so
+    assert (table["reason"] == "5 unit(s) < 8 needed").all()

@@ -1,7 +1,7 @@
 """Image metrics: numbers that stand in for judging a channel visualization by eye.
 
 Every metric is a pure function of one H×W×3 RGB image (float, nominally in [0, 1]); see the
-"Image metrics" section of DESIGN.md. Y = 0.299 R + 0.587 G + 0.114 B is the Rec. 601 luma.
+docs/metrics.md (the definitions this module implements). Y = 0.299 R + 0.587 G + 0.114 B is the Rec. 601 luma.
 
 ===============  ==========================================================================
 metric           meaning (unit)
@@ -19,7 +19,7 @@ sharpness        variance of the 3×3 Laplacian of Y over the valid region  (lum
 colorfulness     Hasler & Süsstrunk (2003) on the 0..1 scale (the paper's number / 255)
 ===============  ==========================================================================
 
-Definitional choices (the DESIGN text leaves these open):
+Definitional choices (docs/metrics.md states the definitions; these details make them exact):
 
 - Spectrum: P = |FFT2(w · (Y − mean Y))|² with ``w`` the outer product of two *periodic* Hann
   windows, w[k] = ½ − ½ cos(2πk/n) (scipy's ``get_window('hann', n)``). Its DFT is exactly three

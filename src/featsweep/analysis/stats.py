@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 CI_LEVEL = 0.95
-MIN_GROUPS = 8  # units; DESIGN: >= 8, fewer make any bootstrap CI unreliable (module docstring)
+MIN_GROUPS = 8  # units; fewer make any bootstrap CI unreliable (module docstring, docs/claims.md)
 N_BOOT = 10_000  # resamples per claim (the Monte-Carlo error of a 2.5 % quantile is then ~0.2 %)
 _CHUNK = 2_000  # resamples drawn at a time: memory stays ~B_chunk × units × groups floats
 
