@@ -32,11 +32,15 @@ def cli(tmp_path: Path, *args: str, module: str = "featsweep", timeout: float = 
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+    """Exit status 1, the fragments on stderr, and stderr is ONE paragraph: no traceback, no
+    Hydra wrapper ("Error executing job with overrides", the HYDRA_FULL_ERROR hint)."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, f"{fragment!r} not in stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
     assert "Traceback" not in proc.stdout
+    assert "Error executing job" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert "\n\n" not in proc.stderr.strip(), proc.stderr  # one paragraph
 
 
 # (id, overrides, fragments expected on stderr)
@@ -61,7 +65,10 @@ CLI_ERRORS = [
 def test_cli_error(tmp_path: Path, overrides: list[str], fragments: list[str]) -> None:
     proc = cli(tmp_path, *FAST, *overrides, "hydra.run.dir=out")
     assert_clean_error(proc, *fragments)
-    assert not list(tmp_path.rglob("result.json"))  # nothing ran
+    if (tmp_path / "out").exists():  # Hydra made the run dir: the run says it never started
+        result = json.loads((tmp_path / "out" / "result.json").read_text())
+        assert result["status"] == "not_started" and fragments[0] in result["error"]
+        assert not (tmp_path / "out" / "image.npy").exists()  # nothing ran
 
 
 def test_cli_missing_weights(tmp_path: Path) -> None:
@@ -81,10 +88,44 @@ def test_cli_cuda_without_gpu(tmp_path: Path) -> None:
 
 
 def test_cli_sweep_error_stops_before_any_job(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "-m", *FAST, "optimizer=sgd,adam", "target.channel=99",
+    """The same error in 3 jobs is printed once, with the job count."""
+    proc = cli(tmp_path, "-m", *FAST, "optimizer.lr=0.1,0.2,0.3", "target.channel=99",
                "hydra.sweep.dir=multirun")
-    assert_clean_error(proc, "target.channel=99", "block3 has 64 channels")
+    assert_clean_error(proc, "the sweep was not started: 3 jobs (#0 #1 #2):", "target.channel=99",
+                       "block3 has 64 channels")
+    assert proc.stderr.count("target.channel=99") == 1
     assert not list(tmp_path.rglob("result.json"))
+
+
+@pytest.mark.parametrize("args, code, fragments", [
+    (["--help"], 0, ["featsweep"]),
+    (["--cfg", "job", "-m", "seed=0,1"], 2, ["--cfg shows one run's configuration",
+                                              "use --dry-run"]),
+    (["--info", "-m", "seed=0,1"], 2, ["--info shows one run's configuration", "use --dry-run"]),
+])
+def test_cli_flags(tmp_path: Path, args: list[str], code: int, fragments: list[str]) -> None:
+    proc = cli(tmp_path, *args)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    for fragment in fragments:
+        assert fragment in out
+
+
+def test_cli_dry_run_lists_jobs_and_batches_without_loading_a_model(tmp_path: Path) -> None:
+    """--dry-run: each job's overrides and the batches, with a model whose weights are not here
+    (so nothing may load it), and no directory is left behind."""
+    home = tmp_path / "empty_torch_home"
+    proc = cli(tmp_path, "--dry-run", "model=inception_v3", "device=cpu", "seed=0,1,2",
+               "hydra.launcher.max_batch=2", "hydra.sweep.dir=sweep",
+               env={"TORCH_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert "featsweep dry run: 3 job(s) into 2 batch(es) of at most 2, run here" in proc.stdout
+    for i in range(3):
+        assert f"  #{i}: model=inception_v3 device=cpu seed={i}" in proc.stdout
+    assert "batch 1: #0-#1 (2 images); inception_v3 299px" in proc.stdout
+    assert "batch 2: #2;" in proc.stdout
+    assert not (tmp_path / "sweep").exists() and not home.exists()
 
 
 def test_cli_single_run(tmp_path: Path) -> None:
@@ -135,6 +176,10 @@ class TestLayersCommand:
         assert proc.returncode == 0, proc.stderr
         assert any(line.split()[:4] == ["block3", "Sequential", "64", "8x8"]
                    for line in proc.stdout.splitlines())
+
+    def test_help(self, tmp_path: Path) -> None:
+        proc = cli(tmp_path, "--help", module="featsweep.layers")
+        assert proc.returncode == 0 and "usage: python -m featsweep.layers" in proc.stdout
 
     @pytest.mark.parametrize("args, fragment", [
         (["model=vgg19"], "model='vgg19'"),

@@ -9,6 +9,7 @@ still gives Hydra's full traceback, as for any Hydra app.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,15 @@ main_hydra = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=
 
 
 def _print_error(exc: BaseException) -> None:
+    """One paragraph on stderr. Hydra's own messages (a bad override, a missing config group)
+    come in several paragraphs and tab-indented lists: joined into one paragraph here."""
+    from featsweep.errors import UserError
+
     text = str(exc).strip()
+    if not isinstance(exc, UserError):
+        text = re.sub(r":?\s*\n\t", lambda m: ": " if m.group(0).startswith(":") else ", ", text)
+        text = " ".join(text.split())
+        text = text.split(" Config search path:")[0]  # Hydra's internals, not the user's
     cause = exc.__cause__
     if cause is not None and type(cause).__module__.startswith("omegaconf"):
         text += " " + " ".join(str(cause).split())

@@ -50,6 +50,9 @@ def _compose(overrides: Sequence[str]):  # -> DictConfig
 def _parse(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
     overrides, show_all, archs = [], False, False
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
         if arg == "--all":
             show_all = True
         elif arg == "--archs":

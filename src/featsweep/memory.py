@@ -120,9 +120,12 @@ def _measure(spec: "RunSpec", device: "torch.device") -> tuple[int, int, int]:
     import torch
 
     from featsweep import engine
-    from featsweep.targets import LayerReader
+    from featsweep.targets import LayerReader, check_targets
 
     model, layers = engine.load_network(spec, device)
+    # An unknown layer or channel gets its own message (before anything is measured).
+    check_targets(model, layers, [(spec.target.layer, spec.target.relu, spec.target.channel)],
+                  spec.model.name)
     probe = engine._probe_size(spec) if hasattr(engine, "_probe_size") else 64
     key = (spec.model, str(device), spec.target.layer, spec.target.relu, probe)
     if key in _ACT_CACHE:

@@ -189,7 +189,7 @@ def _launch_batched(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[JobRe
 
 
 def _describe(batch: Sequence[_Job]) -> str:
-    ids = (f"#{batch[0].idx}-#{batch[-1].idx}" if [j.idx for j in batch] ==
+    ids = (f"#{batch[0].idx}-#{batch[-1].idx}" if len(batch) > 1 and [j.idx for j in batch] ==
            list(range(batch[0].idx, batch[-1].idx + 1)) else " ".join(f"#{j.idx}" for j in batch))
     n_comp = sum(j.role == "companion" for j in batch)
     comp = f", {n_comp} finished job(s) rerun unwritten to keep the batch as planned" \
@@ -211,7 +211,7 @@ def _print_plan(launcher: "BatchedLauncher", jobs: list[_Job], batches: list[lis
     for n, batch in enumerate(batches, 1):
         spec = batch[0].spec
         assert spec is not None
-        lines.append(f"  batch {n}: {_describe(batch)}; {spec.model.name} {spec.image.size}px "
+        lines.append(f"  batch {n}: {_describe(batch)}; {spec.model.label} {spec.image.size}px "
                      f"{spec.image.space} on {spec.device}")
     lines.append("  (no model was loaded: the memory check may still split a batch when the "
                  "sweep runs)")
@@ -249,6 +249,7 @@ def _prepare(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[list[_Job]]:
     at once, before any optimization. Returns the batches to run, in order."""
     from featsweep.errors import UserError
     from featsweep.jobs import Verdict, any_version, config_hash, resume_requested
+    from featsweep.search import check as check_search
     from featsweep.spec import from_config
 
     problems: list[tuple[str, _Job]] = []
@@ -256,6 +257,7 @@ def _prepare(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[list[_Job]]:
     for job in jobs:
         try:
             job.spec = from_config(job.config)
+            check_search(job.config)  # optimized_metric: the value returned to the sweeper
             resume = resume_requested(job.config) or resume
             job.any_version = any_version(job.config)
         except UserError as exc:
