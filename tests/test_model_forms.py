@@ -492,6 +492,13 @@ class TestLayersCommand:
         assert any(line.split()[:1] == ["encoder.layers.encoder_layer_1"] and "17 tokens" in line
                    for line in out.splitlines())
 
+    def test_timm_network(self, capsys: pytest.CaptureFixture[str]) -> None:
+        pytest.importorskip("timm")
+        code, out, err = self.run(capsys, "model=timm", "model.arch=resnet18", "image.size=32")
+        assert code == 0, err
+        rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+        assert rows["layer3"][1:4] == ["Sequential", "256", "2x2"] and rows["layer3"][-1] == "pre"
+
     def test_torchvision_archs_and_errors(self, capsys: pytest.CaptureFixture[str]) -> None:
         code, out, err = self.run(capsys, "model=torchvision", "model.arch=resnet18", "image.size=32")
         assert code == 0, err

@@ -131,6 +131,22 @@ def test_vit_channel_and_token_neuron_rise() -> None:
 
 
 @pytest.mark.usefixtures("hydra_conf")
+def test_torchvision_vit_b_16_at_32_px() -> None:
+    """torchvision's vit_b_16 by name, random weights, built for 32 px (+model.image_size: 4
+    patches + the class token); the forward stops after encoder block 3 of 12. Channel and
+    token neuron both rise."""
+    jobs = specs(["model=torchvision", "model.arch=vit_b_16", "model.weights=random",
+                  "+model.image_size=32", "target.layer=encoder.layers.encoder_layer_3",
+                  "target.channel=5", "steps=3", *RISE],
+                 ["target.kind=channel"], ["target.kind=neuron", "target.token=2"])
+    assert jobs[0].image.size == 32 and jobs[0].batch_key() == jobs[1].batch_key()
+    outcomes = run_batch(jobs)
+    assert [o.status for o in outcomes] == ["ok", "ok"]
+    for o in outcomes:
+        assert o.activation > o.activation_start + 1.0, (o.activation_start, o.activation)
+
+
+@pytest.mark.usefixtures("hydra_conf")
 def test_timm_vit_runs() -> None:
     """timm (the timm extra), random weights: a tiny ViT at 32 px, a token neuron rises."""
     pytest.importorskip("timm")
