@@ -172,19 +172,36 @@ def job_record(cfg: DictConfig, spec: "RunSpec | None", digest: str | None = Non
 
 
 # Why an activation that did not rise, and what to try (shown in result.json and the log).
-_DEAD = ("the target channel's activation is exactly 0 for the whole run: a dead channel (the "
+_DEAD = ("the target channel's activation is exactly 0 from start to end: a dead channel (the "
          "ReLU after it is 0 everywhere, so there is no gradient to follow)")
-_FELL = "the activation fell instead of rising: the optimization went the wrong way"
-_TRY = ("try target.relu=pre (the tensor before the ReLU has a gradient), "
-        "target.relu_gradient=redirect (a ReLU that passes gradient where it is 0), or a smaller "
-        "blur (blur.k=3 or blur=none)")
+_FELL = "the activation did not rise: the optimization went the wrong way or nowhere"
 
 
-def outcome_flag(result: Mapping[str, Any]) -> dict[str, str] | None:
+def _what_to_try(spec: "RunSpec | None") -> str:
+    """The remedies that apply to this job (all three when its settings are unknown)."""
+    target = getattr(spec, "target", None)
+    blur = getattr(spec, "blur", None)
+    tries = []
+    if target is None or getattr(target, "relu", "post") == "post":
+        tries.append("target.relu=pre (the tensor before the ReLU has a gradient)")
+    if target is None or getattr(target, "relu_gradient", None) != "redirect":
+        tries.append("target.relu_gradient=redirect (a ReLU that passes the gradient where it "
+                     "is 0)")
+    if blur is None or (blur.kind != "none" and blur.k > 1):
+        k = getattr(blur, "k", 5)
+        tries.append(f"a smaller blur (blur.k={max(1, k - 2)} or blur=none)")
+    if not tries:
+        tries.append("another channel or layer, a larger optimizer.lr, or optimizer=adam")
+    return "try " + ", or ".join(tries)
+
+
+def outcome_flag(result: Mapping[str, Any], spec: "RunSpec | None" = None
+                 ) -> dict[str, str] | None:
     """{"flag", "flag_message"} when a finished job's activation did not rise, else None.
 
     ``dead_channel``: start and end exactly 0 (the channel never fired); ``not_rising``: the
-    final activation is not above the start's (it fell or stayed). Both are still written.
+    final activation is not above the start's (it fell or stayed). Both are still written; the
+    message says the likely cause and what to try for this job's settings.
     """
     if result.get("status") not in ("ok", "interrupted"):
         return None
@@ -192,10 +209,10 @@ def outcome_flag(result: Mapping[str, Any]) -> dict[str, str] | None:
     if start is None or end is None:
         return None
     if start == 0 and end == 0:
-        return {"flag": "dead_channel", "flag_message": f"{_DEAD}; {_TRY}"}
-    if end <= start:
+        return {"flag": "dead_channel", "flag_message": f"{_DEAD}; {_what_to_try(spec)}"}
+    if end <= start and result.get("status") == "ok":
         return {"flag": "not_rising",
-                "flag_message": f"{_FELL} ({start:.4g} -> {end:.4g}); {_TRY}"}
+                "flag_message": f"{_FELL} ({start:.4g} -> {end:.4g}); {_what_to_try(spec)}"}
     return None
 
 
@@ -221,7 +238,7 @@ def write_outcome(outcome: "JobOutcome", cfg: DictConfig | None = None,
     if members is not None:
         extra["batch_members"] = list(members)
     state = getattr(outcome, "state", None) if outcome.status == "interrupted" else None
-    result = write_job(where, outcome, extra, flag=outcome_flag, state=state)
+    result = write_job(where, outcome, extra, flag=lambda r: outcome_flag(r, spec), state=state)
     act = result["activation"]
     log.info("%s: activation %s -> %s after %d steps; files in %s", result["status"],
              _fmt(result["activation_start"]), _fmt(act), result["steps"], where)

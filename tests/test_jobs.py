@@ -1,0 +1,77 @@
+"""Honest outcomes and the reproducibility record (``featsweep.jobs``).
+
+A job whose activation did not rise is still written, and flagged in result.json and the log with
+the likely cause and what to try; the last progress line shows the final values; result.json
+records the batch a job ran in (its size and the job numbers), which is what reproducing it
+exactly needs (README, Reproducibility).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from featsweep.jobs import outcome_flag
+
+from _cli import run_module
+
+
+def test_flags_name_the_cause_and_what_to_try() -> None:
+    dead = outcome_flag({"status": "ok", "activation_start": 0.0, "activation": 0.0})
+    assert dead is not None and dead["flag"] == "dead_channel"
+    assert "exactly 0 from start to end: a dead channel" in dead["flag_message"]
+    for remedy in ("target.relu=pre", "target.relu_gradient=redirect", "a smaller blur"):
+        assert remedy in dead["flag_message"]
+    fell = outcome_flag({"status": "ok", "activation_start": 0.0259, "activation": 0.0197})
+    assert fell is not None and fell["flag"] == "not_rising"
+    assert "(0.0259 -> 0.0197)" in fell["flag_message"]
+    assert outcome_flag({"status": "ok", "activation_start": 0.1, "activation": 3.0}) is None
+    assert outcome_flag({"status": "diverged", "activation_start": 0.0, "activation": 0.0}) is None
+    # An interrupted job has not finished rising: only a dead channel is flagged.
+    assert outcome_flag({"status": "interrupted", "activation_start": 0.2,
+                         "activation": 0.1}) is None
+
+
+@pytest.mark.slow
+def test_dead_channel_of_the_pretrained_default_is_flagged(tmp_path: Path) -> None:
+    """The pretrained default network at _blocks.10._bn1 channel 7, post-ReLU (96 px, Adam lr
+    0.05, no blur): the channel is 0 everywhere, so the image cannot change it. Written (ok),
+    flagged, with remedies that fit these settings (no blur to shrink)."""
+    proc = run_module("featsweep", "target.layer=_blocks.10._bn1", "target.channel=7",
+                      "target.relu=post", "image.size=96", "optimizer=adam", "optimizer.lr=0.05",
+                      "blur=none", "steps=20", "log_every=10", "device=cpu", "hydra.run.dir=out",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert res["status"] == "ok" and res["activation"] == 0.0 and res["activation_start"] == 0.0
+    assert res["flag"] == "dead_channel"
+    assert "target.relu=pre" in res["flag_message"]
+    assert "blur" not in res["flag_message"].split("try ", 1)[1]  # there is no blur here
+    out = proc.stdout + proc.stderr
+    assert "a dead channel" in out and "WARNING" in out  # the log says it too
+    assert (tmp_path / "out" / "image.npy").is_file()
+
+
+def test_last_progress_line_and_the_batch_record(tmp_path: Path) -> None:
+    """A 2-job sweep at 7 steps, progress every 3: the last progress line is step 7/7 and shows
+    the final activations; each result.json names its batch (size 2, jobs [0, 1])."""
+    sweep = tmp_path / "sweep"
+    proc = run_module("featsweep", "-m", "model=tiny", "image.size=32", "device=cpu", "steps=7",
+                      "log_every=3", "optimizer=adam", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line for line in (proc.stdout + proc.stderr).splitlines() if " step " in line
+             and "/7 [" in line]
+    assert "step 7/7" in steps[-1], steps
+    results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in (0, 1)]
+    final = [r["activation"] for r in results]
+    shown = re.search(r"act mean (\S+) min (\S+) max (\S+)", steps[-1])
+    assert shown is not None
+    assert float(shown.group(2)) == pytest.approx(min(final), rel=1e-2)
+    assert float(shown.group(3)) == pytest.approx(max(final), rel=1e-2)
+    for r in results:
+        assert r["batch_size"] == 2 and r["batch_jobs"] == [0, 1]
+        assert len(r["batch_members"]) == 2
