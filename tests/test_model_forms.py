@@ -508,3 +508,29 @@ class TestLayersCommand:
         assert code == 0 and {"resnet18", "mobilenet_v3_small", "vit_b_16"} <= set(out.split())
         code, _, err = self.run(capsys, "model=torchvision", "model.arch=resnet81")
         assert code == 2 and "close names: resnet18" in err
+
+
+@pytest.mark.usefixtures("hydra_conf")
+class TestMoreBadInput:
+    def test_timm_not_installed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+        hub_model_info.cache_clear()
+        try:
+            message = config_error("model=timm", "model.arch=resnet18", "target.layer=layer1")
+        finally:
+            hub_model_info.cache_clear()
+        assert "timm is not installed: pip install 'featsweep[timm]'" in message
+
+    def test_custom_has_no_pretrained_weights(self) -> None:
+        message = config_error(*SMALL_NET, "model.weights=pretrained", "target.layer=block_a")
+        assert "model.weights='pretrained': model=custom has no pretrained weights" in message
+
+    def test_hub_file_of_another_architecture(self, empty_caches: Path) -> None:
+        """A file in the hub cache that does not fit the architecture names the mismatch."""
+        wanted = empty_caches / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+        wanted.parent.mkdir(parents=True)
+        torch.save(nets.make_small_net().state_dict(), wanted)
+        message = config_error("model=torchvision", "model.arch=resnet18", "target.layer=layer1",
+                               "image.size=32")
+        assert f"model.weights='{wanted}': the file does not match this architecture" in message
+        assert "Missing key(s)" in message and "conv1.weight" in message

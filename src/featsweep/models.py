@@ -437,9 +437,10 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
             try:
                 return _call_builder(spec, builder, weights=member, **kwargs)
             except RuntimeError as exc:  # load_state_dict inside the builder
-                first = str(exc).splitlines()[0]
+                detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+                detail = detail if len(detail) < 400 else detail[:400] + " ..."
                 raise config_error("model.weights", str(path), "the file does not match this "
-                                   f"architecture ({first})") from None
+                                   f"architecture ({detail or str(exc)})") from None
     path = _weights_path(spec)
     model = _call_builder(spec, builder, weights=None, **kwargs)
     _strict_load(model, _load_state_dict(path, "model.weights"), path)
