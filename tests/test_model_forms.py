@@ -534,3 +534,13 @@ class TestMoreBadInput:
                                "image.size=32")
         assert f"model.weights='{wanted}': the file does not match this architecture" in message
         assert "Missing key(s)" in message and "conv1.weight" in message
+
+    def test_token_out_of_range(self) -> None:
+        from featsweep.engine import validate
+
+        spec = spec_of(*TINY_VIT, "target.layer=encoder.layers.encoder_layer_1",
+                       "target.kind=neuron", "target.token=17", "target.channel=0")
+        with pytest.raises(ConfigError) as info:
+            validate([spec])
+        assert ("target.token=17: layer encoder.layers.encoder_layer_1 has 17 tokens at "
+                "image.size=32, so it must be in 0..16") in str(info.value)

@@ -197,6 +197,10 @@ def layer_shape(spec: RunSpec, model: nn.Module, layers: list, device: torch.dev
 
 def _check_neuron(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
     _, h, w = layer_shape(spec, model, layers, device, spec.transform.pad)
+    token = getattr(spec.target, "token", None)
+    if token is not None and not 0 <= token < w:  # a token layer, read as (C, 1, N)
+        raise config_error("target.token", token, f"layer {spec.target.layer} has {w} tokens at "
+                           f"image.size={spec.image.size}, so it must be in 0..{w - 1}")
     for key, value, limit in (("target.x", spec.target.x, w), ("target.y", spec.target.y, h)):
         if value is not None and not 0 <= value < limit:
             raise config_error(key, value, f"layer {spec.target.layer} is {h}×{w} (rows × "
