@@ -544,3 +544,8 @@ class TestMoreBadInput:
             validate([spec])
         assert ("target.token=17: layer encoder.layers.encoder_layer_1 has 17 tokens at "
                 "image.size=32, so it must be in 0..16") in str(info.value)
+
+    def test_no_default_layer(self) -> None:
+        message = config_error("model=torchvision", "model.arch=resnet18", "model.weights=random")
+        assert "target.layer=None: must be a module name (list them: python -m featsweep.layers " \
+               "model=torchvision model.arch=resnet18)" in message
