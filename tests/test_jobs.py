@@ -75,3 +75,21 @@ def test_last_progress_line_and_the_batch_record(tmp_path: Path) -> None:
     for r in results:
         assert r["batch_size"] == 2 and r["batch_jobs"] == [0, 1]
         assert len(r["batch_members"]) == 2
+
+
+def test_a_saved_state_round_trips_with_arrays_and_tensors(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from featsweep.artifacts import read_state, write_state
+
+    state = {"step": 7, "params": torch.arange(6.0).view(2, 3), "trace": np.eye(2),
+             "optimizer": {"buf": torch.ones(2)}, "param_kind": "pixel"}
+    write_state(tmp_path, state)
+    back = read_state(tmp_path)
+    assert back is not None and back["step"] == 7 and back["param_kind"] == "pixel"
+    assert torch.equal(back["params"], state["params"])
+    assert np.array_equal(np.asarray(back["trace"]), state["trace"])  # as the engine reads it
+    assert torch.equal(back["optimizer"]["buf"], torch.ones(2))
+    (tmp_path / "state.pt").write_bytes(b"truncated")
+    assert read_state(tmp_path) is None  # unreadable: the job starts again from step 0

@@ -170,3 +170,51 @@ def test_local_backend_takes_only_what_a_local_task_understands() -> None:
     params = _core._executor(launcher)._executor.parameters
     assert params["timeout_min"] == 7 and params["tasks_per_node"] == 1
     assert "partition" not in params
+
+
+@pytest.mark.slow
+def test_batched_task_requeues_itself_at_the_pre_timeout_signal(tmp_path: Path) -> None:
+    """SLURM sends USR2 `signal_delay_s` before a task's time limit. Sent here to a running
+    submitit_local batch: the task writes both jobs as interrupted with their state, asks
+    submitit to requeue it, and the requeued task continues them to the end: the images equal an
+    uninterrupted run's of the same batch, bit for bit."""
+    import signal
+    import sys
+    import time
+
+    from _cli import cli_env
+
+    args = ["model=tiny", "device=cpu", "image.size=32", "optimizer=adam", "steps=1500",
+            "log_every=50", "seed=0,1", "hydra.launcher.max_batch=2"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "featsweep", "-m", *args,
+                             "hydra.launcher.backend=submitit_local", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    pid = None
+    while pid is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "the task never got going"
+        for log in sweep.glob(".submitit/*/*_log.out"):
+            text = log.read_text()
+            found = [line for line in text.splitlines() if "(PID " in line]
+            if found and "step 200/1500" in text:
+                pid = int(found[0].split("(PID ")[1].split(")")[0])
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out + err)[-4000:]
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert "SIGUSR2 before the time limit: jobs written, asking submitit to requeue" in logs
+    assert "(state)" in logs and "continuing from step" in logs  # the requeued task resumed
+    reference = tmp_path / "reference"
+    done = run_module("featsweep", "-m", *args, f"hydra.sweep.dir={reference}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i in (0, 1):
+        got, want = read_result(sweep / str(i)), read_result(reference / str(i))
+        assert got is not None and want is not None
+        assert got["status"] == "ok" and got["steps"] == 1500 and got["batch_size"] == 2
+        assert got["activation"] == want["activation"]
+        assert np.array_equal(np.load(sweep / str(i) / "image.npy"),
+                              np.load(reference / str(i) / "image.npy"))
+        assert not (sweep / str(i) / "state.pt").exists()

@@ -122,20 +122,43 @@ def clear_job(job_dir: Path) -> None:
     (Path(job_dir) / STATE).unlink(missing_ok=True)
 
 
-def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
-    """Save an interrupted job's engine state (CPU tensors and Python scalars) as state.pt."""
+def _tensors(value: Any) -> Any:
+    """numpy arrays -> CPU tensors, recursively: torch.load(weights_only=True) reads tensors and
+    plain Python values back, not numpy objects."""
     import torch
 
-    atomic_write(Path(job_dir) / STATE, lambda f: torch.save(dict(state), f))
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, Mapping):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(v) for v in value)
+    return value
+
+
+def write_state(job_dir: Path, state: Mapping[str, Any]) -> None:
+    """Save an interrupted job's engine state (CPU tensors, arrays and Python scalars) as
+    state.pt; arrays come back as tensors."""
+    import torch
+
+    atomic_write(Path(job_dir) / STATE, lambda f: torch.save(_tensors(dict(state)), f))
 
 
 def read_state(job_dir: Path) -> dict[str, Any] | None:
-    """The state saved by :func:`write_state`, or None when missing or unreadable."""
+    """The state saved by :func:`write_state`, or None when missing or unreadable. Read with
+    ``weights_only=True``: a state file never runs code."""
+    import logging
+
     import torch
 
+    path = Path(job_dir) / STATE
     try:
-        state = torch.load(Path(job_dir) / STATE, map_location="cpu", weights_only=True)
-    except Exception:  # missing, truncated or from an incompatible torch: start from step 0
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # truncated or from an incompatible torch: start from step 0
+        logging.getLogger("featsweep").warning("%s is unreadable (%s); the job starts again "
+                                               "from step 0", path, exc)
         return None
     return state if isinstance(state, dict) else None
 
