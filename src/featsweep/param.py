@@ -189,7 +189,7 @@ class ImageParams:
                 x = torch.where(g.decor, correlate(x), x)
         if g.kind == "pixel":
             return (x - self.mean) / self.std if g.space == "normalized" else x
-        spectrum = torch.view_as_real(torch.fft.rfftn(x * FFT_MAGIC, norm="ortho"))
+        spectrum = torch.view_as_real(torch.fft.rfftn(x * FFT_MAGIC, dim=(-2, -1), norm="ortho"))
         w2 = g.tensor.shape[-2]
         if spectrum.shape[-2] < w2:  # odd width: Lucid keeps one unused column; leave it be
             spectrum = torch.cat([spectrum, g.tensor[..., spectrum.shape[-2]:, :]], dim=-2)
