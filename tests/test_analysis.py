@@ -356,8 +356,8 @@ def test_end_to_end_smoke_sweep_cli_and_notebooks(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "featsweep", "experiment=smoke",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=600)
-    done = subprocess.run([sys.executable, "-m", "featsweep.analysis", str(sweep)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "featsweep.analysis", str(sweep), "--quality"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     out = sweep / "analysis"
     for name in ("runs.parquet", "runs.csv", "claims.csv", "report.md", "contact_sheet.png",
@@ -369,7 +369,7 @@ def test_end_to_end_smoke_sweep_cli_and_notebooks(tmp_path: Path) -> None:
     assert runs["job.num"].tolist() == list(range(8))
     assert runs["status"].eq("ok").all()
     columns = list(runs.columns)
-    assert columns[:3] == ["job.num", "job.dir", "job.overrides"]
+    assert columns[:4] == ["job.num", "job.dir", "job.sweep", "job.overrides"]
     for name in ("optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "blur.k", "steps",
                  "seed", "target.channel", "choice.optimizer", "status", "activation",
                  "result.seconds", "result.error", *TRACE_COLUMNS,
@@ -381,6 +381,14 @@ def test_end_to_end_smoke_sweep_cli_and_notebooks(tmp_path: Path) -> None:
     assert len(claims) == 12 and NOT_IN_SWEEP in set(claims["verdict"])
     report = (out / "report.md").read_text()
     assert "![" in report and "| ok | 8 |" in report
+    # --quality on a real sweep: dataset examples beside the visualizations, the new metrics,
+    # and whether each run converged.
+    assert "## Dataset examples" in report and list(out.glob("examples_*.png"))
+    assert runs["quality.natural_ratio"].notna().all() and runs["quality.robustness"].notna().any()
+    # robustness is undefined (NaN) exactly where the clean activation is 0 (a dead channel)
+    undefined = runs["quality.robustness"].isna()
+    assert (runs.loc[undefined, "quality.natural_ratio"] == 0).all()
+    assert "Convergence: " in report and runs["trace.converged"].notna().all()
     for notebook in ("claims.ipynb", "explore.ipynb"):
         run_notebook(ROOT / "analysis" / notebook, sweep, tmp_path / f"out_{notebook}")
     # Hydra's own multirun.yaml plans 8 jobs: with two job directories gone (a sweep killed
@@ -564,3 +572,22 @@ def test_saved_table_rebuilds_the_committed_study_claims() -> None:
     assert len(table) == 12 and (table["n_units"] == 5).all() and (table["n_groups"] == 10).all()
     assert (table["verdict"] == "inconclusive").all()  # 5 channels < 8 units, and it says so
     assert (table["reason"] == "5 unit(s) < 8 needed").all()
+
+
+def test_analysis_house_report_uses_public_claims_api_and_modules_stay_small() -> None:
+    """report/figures import only names the claims module exports; each module reads in a sitting."""
+    import ast
+
+    import featsweep.analysis.claims as claims_module
+
+    package = ROOT / "src" / "featsweep" / "analysis"
+    for name in ("report.py", "figures.py", "factors.py"):
+        tree = ast.parse((package / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featsweep.analysis"):
+                for alias in node.names:
+                    assert not alias.name.startswith("_"), (name, node.module, alias.name)
+                    if node.module == "featsweep.analysis.claims":
+                        assert alias.name in claims_module.__all__, (name, alias.name)
+    for path in package.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 520, path.name

@@ -629,3 +629,15 @@ def test_unit_fallbacks_and_unit_errors() -> None:
     assert "unit column 'target.chanel'" in claim_problems(
         [Claim("x", "optimizer.weight_decay", "activation", "any", unit="target.chanel")],
         sweep(np.random.default_rng(0), seeds=1, channels=1))[0]
+
+
+def test_constant_metric_says_so() -> None:
+    df = sweep(np.random.default_rng(27), clamps=(True,)).assign(**{"display.brightness": 0.25})
+    row = one(df, Claim("const", "optimizer.weight_decay", "display.brightness", "decrease"),
+              n_boot=200)
+    assert row["verdict"] == "no data"  # ρ is undefined in every group ...
+    assert "dropped: metric constant (16)" in row["reason"]
+    diff = sweep(np.random.default_rng(27), wds=(0.0,)).assign(**{"display.brightness": 0.25})
+    row = one(diff, CLAMP_OFF_DARKER, n_boot=200)  # ... while B − A = 0 is defined
+    assert row["verdict"] == row["verdict_holm"] == "inconclusive"
+    assert row["reason"] == "metric constant (0.25 in all 32 jobs)"

@@ -143,3 +143,17 @@ def test_add_quality_on_real_job_directories(tiny_sweep: Path, tmp_path: Path) -
     assert ex.crop_acts[0] == pytest.approx(float(acts.max()), rel=1e-5) and len(ex.job_dirs) == 2
     assert sorted(p.name for p in (tmp_path / "out").glob("examples_*.png")) == [
         f"examples_{layer}_post_{c}.png" for c in (3, 5)]
+
+
+def test_report_with_quality_shows_dataset_examples_and_convergence(tiny_sweep: Path, tmp_path: Path) -> None:
+    from featsweep.analysis.report import write_report
+
+    out = tmp_path / "report"
+    text = write_report(tiny_sweep, out_dir=out, n_boot=200, quality=True).read_text()
+    assert "## Dataset examples" in text
+    assert "![block3 post channel 3](examples_block3_post_3.png)" in text
+    assert (out / "examples_block3_post_3.png").stat().st_size > 0
+    # Each trace rises from 0 to 1 over its last step: none converged, and the report says so.
+    assert "Convergence: 0 of 3 job(s) with a trace converged" in text
+    runs = __import__("pandas").read_csv(out / "runs.csv")
+    assert runs["quality.robustness"].notna().all() and runs["quality.natural_ratio"].notna().all()

@@ -260,6 +260,9 @@ def evaluate(
             claim.direction, stat, float(boot.low[0]), float(boot.high[0]), significant=excludes,
             effect_low=float(boot.low[1]), effect_high=float(boot.high[1]), floor=floor,
             n_units=boot.n_units, min_units=min_groups)
+        values = pd.to_numeric(paired.rows[claim.metric], errors="coerce").to_numpy(dtype=float)
+        if values.size and np.ptp(values) == 0:
+            verdict, reason = "inconclusive", f"metric constant ({values[0]:.4g} in all {values.size} jobs)"
         extra: list[str] = []
         if paired.unit_note:
             extra.append(paired.unit_note)
@@ -298,7 +301,8 @@ def evaluate(
         adjusted = holm(result["p_value"].to_numpy(dtype=float))
         result["p_holm"] = adjusted
         for i, (claim, row) in enumerate(zip(claims, records)):
-            if row["verdict"] == "no data":
+            if row["verdict"] == "no data" or row["reason"].startswith("metric constant"):
+                result.at[i, "verdict_holm"] = row["verdict"]
                 continue
             verdict, _ = decide(
                 claim.direction, row["statistic"], row["ci_low"], row["ci_high"],

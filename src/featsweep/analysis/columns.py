@@ -21,7 +21,7 @@ RESULT_COLUMNS: tuple[str, ...] = ("status", "activation")
 
 # Config leaves that say how a job was run, not what was run: a resumed job has resume=true
 # and must still pair with the jobs of the first run.
-BOOKKEEPING_LEAVES: tuple[str, ...] = ("resume",)
+BOOKKEEPING_LEAVES: tuple[str, ...] = ("resume", "optimized_metric")  # + what a search optimized
 
 
 def is_config_column(name: str) -> bool:

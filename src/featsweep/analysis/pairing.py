@@ -230,7 +230,7 @@ def pair(df: pd.DataFrame, claim: Claim, group_columns: Sequence[str] | None = N
             "no group has both levels" if test == "difference"
             else "no group has two factor values and a non-constant metric"
         )
-        detail = "; ".join(f"{k} {r}" for r, k in dropped.items())
+        detail = ", ".join(f"{r} ({k})" for r, k in dropped.items())
         return (f"{why} ({len(rows)} usable job(s); groups hold equal: {', '.join(keyed) or 'nothing'}"
                 + (f"; dropped: {detail}" if detail else "") + ")")
     if test == "spearman":
