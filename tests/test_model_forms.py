@@ -449,7 +449,26 @@ class TestTimm:
         message = config_error("model=timm", "model.arch=resnet18", "target.layer=layer1")
         assert "model.weights='pretrained': no weights for timm resnet18 on this machine" in message
         assert "timm/resnet18.a1_in1k" in message and "never downloads" in message
+        assert f"in {tmp_path / 'hf_hub'}" in message  # the cache HF_HUB_CACHE names, read now
         assert not (tmp_path / "hf_hub").exists() or not any((tmp_path / "hf_hub").iterdir())
+
+    def test_pretrained_reads_the_hub_cache(self, timm_module: Any, tmp_path: Path) -> None:
+        """A checkpoint in the Hugging Face hub cache (where timm would have downloaded it) is
+        what model.weights=pretrained loads, through timm's own loader."""
+        from safetensors.torch import save_file
+
+        torch.manual_seed(13)
+        source = timm_module.create_model("resnet18").eval()
+        repo = tmp_path / "hf_hub" / "models--timm--resnet18.a1_in1k"
+        (repo / "snapshots" / "0123abc").mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abc")
+        save_file(source.state_dict(), str(repo / "snapshots" / "0123abc" / "model.safetensors"))
+        model = build_model(model_of("model=timm", "model.arch=resnet18", "target.layer=layer1",
+                                     "image.size=32"))
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
 
     def test_unknown_arch(self, timm_module: Any) -> None:
         message = config_error("model=timm", "model.arch=vit_tiny_patch16", "target.layer=x")

@@ -447,6 +447,17 @@ def _build_torchvision(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def _hf_hub_cache() -> str:
+    """The Hugging Face hub cache directory, by huggingface_hub's rules, read now (its own
+    constant is fixed when it is first imported)."""
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def _timm_checkpoint(spec: ModelSpec) -> Path:
     """The Hugging Face hub cache file of timm's pretrained `spec.arch` (never downloads)."""
     timm = _import_timm()
@@ -457,14 +468,13 @@ def _timm_checkpoint(spec: ModelSpec) -> Path:
                            f"{spec.arch}; pass model.weights=/path/to/state_dict, or random")
     from huggingface_hub import try_to_load_from_cache
 
+    cache = _hf_hub_cache()
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo_id=repo, filename=filename)
+        found = try_to_load_from_cache(repo_id=repo, filename=filename, cache_dir=cache)
         if isinstance(found, str) and os.path.isfile(found):
             return Path(found)
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     raise config_error("model.weights", "pretrained", f"no weights for timm {spec.arch} on this "
-                       f"machine (looked for {repo} model.safetensors in {HF_HUB_CACHE}); "
+                       f"machine (looked for {repo} model.safetensors in {cache}); "
                        "featsweep never downloads at run time: fetch it there once (or set "
                        "HF_HOME), or pass model.weights=/path/to/file, or model.weights=random")
 
