@@ -331,5 +331,25 @@ def test_the_preset_composes_as_an_optuna_search() -> None:
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = dict(cfg.hydra.sweeper.params)
-    assert {"optimizer.lr", "optimizer.weight_decay", "blur.k"} <= set(params)
+    assert set(params) == {"optimizer.lr", "optimizer.weight_decay", "blur.k", "transform.jitter",
+                           "param.decay"}
+    assert cfg.param.kind == "fft" and cfg.optimizer.name == "adam"  # decay shapes an FFT image
     assert search.check(cfg) == ("activation",)
+
+
+@pytest.mark.slow
+def test_the_preset_runs(tmp_path: Path) -> None:
+    """hparams_search=optuna_example (no -m: the preset sets hydra.mode) at toy size: each trial
+    ran with the values Optuna proposed for all five searched keys."""
+    sweep = tmp_path / "sweep"
+    _ok(run_module("featsweep", "hparams_search=optuna_example", "hydra.sweeper.n_trials=2",
+                   "hydra.sweeper.n_jobs=2", *TINY, "steps=3", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path))
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    results = _results(sweep)
+    assert len(results) == 2 and {r["status"] for r in results.values()} == {"ok"}
+    assert best.best_value == max(r["activation"] for r in results.values())
+    top = max(results, key=lambda i: results[i]["activation"])
+    config = OmegaConf.load(sweep / str(top) / ".hydra" / "config.yaml")
+    for key, value in best.best_params.items():
+        assert OmegaConf.select(config, key) == pytest.approx(value), key
