@@ -6,8 +6,8 @@ convention) names it:
 - ``activation``: result.json's final channel mean;
 - ``display.<metric>`` / ``raw.<metric>`` (``<metric>`` one of :data:`featsweep.metrics.METRICS`):
   that image metric of the job's final image, exactly the analysis table's column of the same
-  name (``featsweep.analysis.collect`` computes it from image.png / image.npy and caches it in the
-  job directory, so the analysis later reads the number instead of recomputing it);
+  name, computed by the analysis' own code (``featsweep.analysis.metric_cache``) from image.png
+  / image.npy;
 - a list of those names: a multi-objective search; the job returns a list of floats, in order.
   A list of one name returns a plain float, as a single-objective sweeper wants.
 
@@ -181,9 +181,13 @@ def job_value(cfg: Mapping[str, Any], result: Mapping[str, Any] | None,
     if any(name != DEFAULT for name in names):
         if job_dir is None:
             raise ValueError(f"{KEY}={list(names)} needs the job directory for image metrics")
-        from featsweep.analysis.collect import job_metrics
+        from featsweep.analysis.jobs import Job
+        from featsweep.analysis.metric_cache import image_metrics
 
-        values.update(job_metrics(job_dir))
+        # The analysis table's own computation for one job (no cache: the analysis keeps its
+        # cache under SWEEP/analysis/, and a job's images are read once here).
+        job = Job(path=Path(job_dir), row={}, config={}, choices={}, result={})
+        values.update(image_metrics([job], None)[0])
     out = [values[name] for name in names]
     if not all(math.isfinite(v) for v in out):
         log.warning("%s: %s is not finite (%s); returning None (a failed trial)", KEY,
