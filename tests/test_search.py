@@ -353,3 +353,21 @@ def test_the_preset_runs(tmp_path: Path) -> None:
     config = OmegaConf.load(sweep / str(top) / ".hydra" / "config.yaml")
     for key, value in best.best_params.items():
         assert OmegaConf.select(config, key) == pytest.approx(value), key
+
+
+def test_optimized_metric_is_bookkeeping_not_a_setting() -> None:
+    """The same images whatever a search optimizes: resume's fingerprint ignores the key, and the
+    analysis does not pair jobs by it."""
+    from hydra import compose, initialize_config_dir
+
+    import featsweep
+    from featsweep.analysis.columns import is_config_column
+    from featsweep.jobs import config_hash
+
+    conf = str(Path(featsweep.__file__).resolve().parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        base = compose("config", overrides=["model=tiny"])
+        other = compose("config", overrides=["model=tiny", "optimized_metric=display.hf_energy"])
+        changed = compose("config", overrides=["model=tiny", "steps=7"])
+    assert config_hash(base) == config_hash(other) != config_hash(changed)
+    assert not is_config_column("optimized_metric") and is_config_column("steps")

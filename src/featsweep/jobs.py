@@ -38,7 +38,7 @@ log = logging.getLogger("featsweep")
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Top-level keys that steer bookkeeping, not the optimization: not part of a job's fingerprint.
-BOOKKEEPING_KEYS = ("hydra", "resume", "resume_any_version")
+BOOKKEEPING_KEYS = ("hydra", "resume", "resume_any_version", "optimized_metric")
 
 
 class Interrupted(UserError):
