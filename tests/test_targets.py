@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from torch import nn
 from featsweep.errors import ConfigError
 from featsweep.models import build_model
 from featsweep.spec import ModelSpec
-from featsweep.targets import (ChannelObjective, LayerInfo, LayerReader, check_targets,
+from featsweep.objectives import Objectives
+from featsweep.targets import (LayerInfo, LayerReader, check_targets,
                                probe_layers)
 
 INCEPTION_PX = 128  # above Inception v3's 75 px minimum, cheap on a CPU (Mixed_7c is 2x2 here)
@@ -265,9 +268,18 @@ class TestCheckTargets:
 
 
 class TestChannelObjective:
+    """featsweep.objectives.Objectives (kind channel) on the reader's output."""
+
+    @staticmethod
+    def objective(targets: list, channels: list) -> Objectives:
+        specs = [SimpleNamespace(target=SimpleNamespace(layer=t[0], relu=t[1], kind="channel",
+                                                        channel=c, x=None, y=None))
+                 for t, c in zip(targets, channels)]
+        return Objectives(specs, list(range(len(specs))), torch.device("cpu"), {})
+
     def test_smoke(self, tiny: Net) -> None:
         feats = tiny.reader(("block3", "post"))(tiny.input(2))
-        obj = ChannelObjective([("block3", "post")] * 2, [3, 5], "cpu")(feats)
+        obj = self.objective([("block3", "post")] * 2, [3, 5])(feats)
         want = torch.stack([feats[("block3", "post")][0, 3].mean(),
                             feats[("block3", "post")][1, 5].mean()])
         torch.testing.assert_close(obj, want)
@@ -276,8 +288,8 @@ class TestChannelObjective:
         targets = [("block3", "post"), ("block2", "pre"), ("block3", "pre"), ("block2", "pre")]
         channels = [1, 2, 3, 31]
         x = tiny.input(4)
-        together = ChannelObjective(targets, channels, "cpu")(tiny.reader(*targets)(x))
+        together = self.objective(targets, channels)(tiny.reader(*targets)(x))
         assert together.shape == (4,) and together.dtype == torch.float32
         for i, (t, c) in enumerate(zip(targets, channels)):
-            alone = ChannelObjective([t], [c], "cpu")(tiny.reader(t)(x[i:i + 1]))
+            alone = self.objective([t], [c])(tiny.reader(t)(x[i:i + 1]))
             torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)

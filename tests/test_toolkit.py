@@ -441,3 +441,50 @@ class TestModelChecks:
                             lambda m: __import__("dataclasses").replace(MODELS["tiny"], in_channels=1))
         with pytest.raises(ConfigError, match=r"param\.decorrelate=True.*1 channel"):
             run(spec(**FFT))
+
+
+# ------------------------------------------------------------------------------ the CLI, presets
+class TestSweep:
+    @pytest.mark.slow
+    def test_eight_job_toolkit_sweep_is_one_batch(self, tmp_path: Any) -> None:
+        """`-m param=pixel,fft transform=none,standard regularizer.tv=0,0.05`: 8 jobs, 1 batch."""
+        import json
+
+        from _cli import run_module
+
+        sweep = tmp_path / "sweep"
+        proc = run_module("featsweep", "-m", "param=pixel,fft", "transform=none,standard",
+                          "regularizer.tv=0,0.05", "model=tiny", "image.size=32", "steps=3",
+                          "device=cpu", "target.channel=12", f"hydra.sweep.dir={sweep}",
+                          cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        log = proc.stdout + proc.stderr
+        assert "Batched 8 jobs into 1 batch" in log
+        results = [json.loads((sweep / str(i) / "result.json").read_text()) for i in range(8)]
+        assert [r["status"] for r in results] == ["ok"] * 8
+        assert {r["param"] for r in results} == {"pixel", "fft"}
+        assert {r["forwards_per_step"] for r in results} == {2}  # pad 0 and pad 12
+
+    @pytest.mark.parametrize("preset", ["lucent_defaults", "toolkit"])
+    def test_presets_compose_and_validate(self, preset: str) -> None:
+        from pathlib import Path
+
+        from hydra import compose, initialize_config_dir
+        from hydra.core.singleton import Singleton
+
+        import featsweep
+
+        state = Singleton.get_state()  # Hydra's own launcher suites must not see this compose
+        try:
+            conf = Path(featsweep.__file__).resolve().parent / "conf"
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                cfg = compose("config", overrides=[f"experiment={preset}"])
+        finally:
+            Singleton.set_state(state)
+        s = from_config(cfg)
+        if preset == "lucent_defaults":
+            assert (s.param.kind, s.param.decorrelate, s.param.squash) == ("fft", True, "sigmoid")
+            assert s.transform.pad == 12 and s.transform.jitter == 8 and s.transform.jitter_final == 4
+            assert (s.optimizer.name, s.optimizer.lr, s.steps, s.image.size) == ("adam", 0.05, 512, 128)
+        else:
+            assert s.image.size == 96 and s.optimizer.name == "adam"

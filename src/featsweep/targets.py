@@ -238,36 +238,5 @@ def has_pre_relu(model: nn.Module, order: Sequence[str], layer: str, size: int,
     return True
 
 
-class ChannelObjective:
-    """Per-image objective: the mean of image i's channel in image i's target.
-
-    Built once per batch (index tensors live on the device, so a step makes no host copies).
-    """
-
-    def __init__(self, targets: Sequence[Target], channels: Sequence[int],
-                 device: torch.device | str) -> None:
-        """targets, channels: one entry per image (length B)."""
-        self.batch = len(targets)
-        self.groups = []  # (target, rows (n,), channels (n,), arange (n,))
-        for target in dict.fromkeys(targets):
-            idx = [i for i, t in enumerate(targets) if t == target]
-            self.groups.append((target,
-                                torch.tensor(idx, device=device),
-                                torch.tensor([channels[i] for i in idx], device=device),
-                                torch.arange(len(idx), device=device)))
-
-    def __call__(self, feats: dict[Target, torch.Tensor]) -> torch.Tensor:
-        """feats: {target: (B, C, h, w)} -> (B,) float32 channel means."""
-        if len(self.groups) == 1:  # the common case: one target for the whole batch
-            target, _, chans, ar = self.groups[0]
-            return feats[target][ar, chans].float().mean(dim=(1, 2))
-        device = self.groups[0][1].device
-        out = torch.zeros(self.batch, device=device, dtype=torch.float32)
-        for target, rows, chans, ar in self.groups:
-            picked = feats[target][rows][ar, chans].float().mean(dim=(1, 2))
-            out = out.index_put((rows,), picked)
-        return out
-
-
-__all__ = ["ChannelObjective", "ConfigError", "LayerInfo", "LayerReader", "Target", "check_targets",
+__all__ = ["ConfigError", "LayerInfo", "LayerReader", "Target", "check_targets",
            "has_pre_relu", "probe_layers"]
