@@ -98,6 +98,14 @@ ROWS = {
     "relu unknown": Row("app", ("target.relu=middle",), "allowed values are post, pre"),
     "image too small": Row("app", ("image.size=8",), "tiny needs images of at least 16 px"),
     "resume not a bool": Row("app", ("resume=maybe",), "resume='maybe': must be true or false"),
+    "optimized_metric unknown": Row("app", ("optimized_metric=display.sharpnes",),
+                                    "optimized_metric='display.sharpnes': unknown metric "
+                                    "'display.sharpnes'; did you mean 'display.sharpness'?"),
+    "optimized_metric vs directions": Row(
+        "sweep", ("hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+                  "optimized_metric=[activation,raw.contrast]", "seed=choice(0,1)"),
+        "optimized_metric names 2 metric(s) (activation, raw.contrast) but the sweeper has 1 "
+        "direction(s)"),
     "weights file missing": Row("app", ("model=resnet50", "model.weights=/no/such/file.pt"),
                                 "model.weights='/no/such/file.pt': no such file"),
     # --- the app: networks named by config (README: Your own model)
