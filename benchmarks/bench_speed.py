@@ -20,6 +20,12 @@ synchronize, at the end of warm-up step W and of step W + steps):
   floor     the bare minimum at each B (1 and --batches): forward to the target layer (a forward
             hook that raises stops the network there) + gradient of the channel mean w.r.t. the
             input; no featsweep code beyond building the network
+  lucent_fft  Lucent's defaults: `param.image(size)` (FFT, decorrelated, sigmoid) with
+            `transform.standard_transforms` (pad 12, jitter 8, scale, rotate, jitter 4), Adam lr
+            0.05, fixed_image_size=size, B = 1 (Lucent 0.1.8 calls kornia's pre-0.5 top-level
+            `get_rotation_matrix2d` / `warp_affine`; they are pointed at kornia.geometry's here)
+  fft       featsweep batched with the same settings (param=fft, transform=standard, Adam lr
+            0.05) at each B of --batches: Lucent's work, per image, in one batch
 
 Every method runs the same network (`featsweep.models.build_model`: eval mode, parameters
 frozen), each on its own deep copy (Lucent leaves hooks on every module it touches). glibc's
@@ -228,6 +234,15 @@ def _import_lucent(device: torch.device):  # noqa: ANN202
     from lucent.optvis.param import spatial
 
     spatial.device = device  # Lucent picks cuda:0 whenever it exists; follow --device instead
+    import kornia
+    from kornia.geometry import transform as kgt
+    from lucent.optvis import transform as ltransform
+
+    ltransform.device = device
+    # Lucent 0.1.8 was written for kornia <= 0.4.1, whose top level had these two functions.
+    for name in ("get_rotation_matrix2d", "warp_affine"):
+        if not hasattr(kornia, name):
+            setattr(kornia, name, getattr(kgt, name))
     return lucent, objectives, param, render
 
 
@@ -255,8 +270,45 @@ def lucent_loop(net: nn.Module, layer: str, channel: int, size: int, device: tor
     return {"lucent_version": version}
 
 
+def lucent_fft_loop(net: nn.Module, layer: str, channel: int, size: int, device: torch.device,
+                    clock: Clock, total: int) -> dict:
+    _, objectives, param, render = _import_lucent(device)
+    from lucent.optvis import transform
+
+    base = objectives.channel(layer.replace(".", "_"), channel)
+    calls = [0]
+
+    def timed(hook: Callable) -> torch.Tensor:
+        calls[0] += 1
+        clock.tick(calls[0])
+        return base(hook)
+
+    render.render_vis(net, timed, param_f=lambda: param.image(size),
+                      transforms=transform.standard_transforms, thresholds=(total,),
+                      show_image=False, progress=False, fixed_image_size=size)
+    return {"settings": "param.image(size): fft + decorrelate + sigmoid; standard_transforms"}
+
+
+# Lucent's defaults as featsweep settings (experiment=lucent_defaults).
+LUCENT_DEFAULTS = {"param": {"kind": "fft", "decay": 1.0, "decorrelate": True, "squash": "sigmoid",
+                             "init_sd": 0.01},
+                   "transform": {"pad": 12, "pad_mode": "constant", "pad_value": 0.5, "jitter": 8,
+                                 "scale": [1 + (i - 5) / 50.0 for i in range(11)],
+                                 "rotate": list(range(-10, 11)) + 5 * [0], "jitter_final": 4}}
+
+
 def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, log_every: int,
-                 ) -> dict:
+                 fft: bool = False) -> dict:
+    if fft:
+        cfg = _spec_config(args, i, batched, total, log_every)
+        cfg.update(copy.deepcopy(LUCENT_DEFAULTS))
+        cfg["optimizer"] = {"name": "adam", "lr": 0.05, "momentum": 0.0, "nesterov": False,
+                            "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
+        cfg["target"]["relu"] = "post"
+        cfg["regularizer"]["clamp"] = False
+        cfg["blur"] = {"kind": "none", "k": 1, "sigma": None, "every": 1}
+        cfg["image"]["space"] = "pixel"
+        return cfg
     if batched:
         opt, momentum, wd, k, relu = NOTES_RUNS[i % len(NOTES_RUNS)]
         lr = 0.01 * LR_FACTORS[i % len(LR_FACTORS)]
@@ -278,9 +330,10 @@ def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, lo
 
 
 def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: Clock,
-                   total: int) -> dict:
+                   total: int, fft: bool = False) -> dict:
     log_every = math.gcd(clock.warmup, clock.steps)
-    specs = [from_config(_spec_config(args, i, batched, total, log_every)) for i in range(batch)]
+    specs = [from_config(_spec_config(args, i, batched, total, log_every, fft))
+             for i in range(batch)]
     pattern = re.compile(r" step (\d+)/")
 
     def emit(msg: str) -> None:
@@ -293,7 +346,9 @@ def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: C
     acts = [o.activation for o in outcomes if o.activation is not None]
     return {"statuses": status, "log_every": log_every,
             "final_activation_mean": (sum(acts) / len(acts)) if acts else None,
-            "settings": ("notes' image005 (SGD 0.9, wd 1e-5, box 3, post)" if not batched else
+            "settings": ("Lucent's defaults (fft, decorrelate, sigmoid, standard transforms, "
+                         "Adam 0.05)" if fft else
+                         "notes' image005 (SGD 0.9, wd 1e-5, box 3, post)" if not batched else
                          f"notes' 12 runs cycled, relu={args.relu}, lr x {LR_FACTORS}")}
 
 
@@ -399,8 +454,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relu", default="post", choices=("post", "notes"),
                    help="batched targets: all post-ReLU (like the floor), or the notes' mix of "
                         "post (runs 1-5) and pre (6-12; the layer must end in a ReLU)")
-    p.add_argument("--methods", default="notes,lucent,featsweep,batched,floor",
-                   help="subset of notes,lucent,featsweep,batched,floor")
+    p.add_argument("--methods", default="notes,lucent,featsweep,batched,floor,lucent_fft,fft",
+                   help="subset of notes,lucent,featsweep,batched,floor,lucent_fft,fft")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the whole run (default: torch's own)")
     p.add_argument("--quick", action="store_true",
@@ -422,7 +477,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = args.size or info.default_size
     args.batches = [int(b) for b in (args.batches or "12,64").split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(args.methods) - {"notes", "lucent", "featsweep", "batched", "floor"}
+    unknown = set(args.methods) - {"notes", "lucent", "featsweep", "batched", "floor",
+                                   "lucent_fft", "fft"}
     if unknown:
         p.error(f"unknown --methods {sorted(unknown)}")
     return args
@@ -466,11 +522,20 @@ def report(meta: dict, rows: list[Row]) -> tuple[str, dict]:
             lines.append(f"| {r.label} | {r.batch} | failed: {r.error} | — | — | — |")
             continue
         ms = r.ms_per_image_step
-        vs_l = f"{lucent / ms:.2f}×" if lucent and ms else "—"
+        ref = ok.get(("lucent_fft", 1)) if r.method in ("fft", "lucent_fft") else lucent
+        vs_l = f"{ref / ms:.2f}×" if ref and ms else "—"
         vs_f = f"{ms / floor:.2f}" if floor and ms else "—"
         pf = r.minor_faults_per_step
         pf_s = "—" if pf is None else f"{pf:,.0f}"
         lines.append(f"| {r.label} | {r.batch} | {fmt(ms)} | {vs_l} | {vs_f} | {pf_s} |")
+    lines.append("")
+    lines.append("Speed-up of the fft rows is against Lucent's defaults (lucent_fft), of the others "
+                 "against Lucent's pixel run.")
+    for (method, b), ms in sorted(ok.items()):
+        if method == "fft" and ("batched", b) in ok:
+            lines.append(f"- fft + standard transforms / pixel path (batched) at B={b}: "
+                         f"{ms / ok[('batched', b)]:.2f}× per image-step (the model sees "
+                         f"{meta['size'] + 24} px instead of {meta['size']}: pad 12)")
     n, s = NOTES_SWEEP_RUNS, NOTES_SWEEP_STEPS
     est: dict[str, float | None] = {
         "notes_loop_12x_B1_s": ok[("notes", 1)] * n * s / 1000 if ("notes", 1) in ok else None,
@@ -555,10 +620,19 @@ def main(argv: list[str] | None = None) -> int:
     if "featsweep" in args.methods:
         rows.append(run_method(Row("featsweep", "featsweep run_batch, B=1", 1),
                                lambda c, n: featsweep_loop(args, 1, False, c, n), device, W, N))
+    if "lucent_fft" in args.methods:
+        rows.append(run_method(Row("lucent_fft", "Lucent render_vis defaults (fft + standard "
+                                   "transforms)", 1),
+                               lambda c, n: lucent_fft_loop(net_copy(), args.layer, args.channel,
+                                                            args.size, device, c, n), device, W, N))
     for b in args.batches:
         if "batched" in args.methods:
             rows.append(run_method(Row("batched", "featsweep run_batch, batched (per-image hp)", b),
                                    lambda c, n, b=b: featsweep_loop(args, b, True, c, n),
+                                   device, W, N))
+        if "fft" in args.methods:
+            rows.append(run_method(Row("fft", "featsweep batched, fft + standard transforms", b),
+                                   lambda c, n, b=b: featsweep_loop(args, b, True, c, n, fft=True),
                                    device, W, N))
         if b != 1:
             floor_row(b)
