@@ -213,6 +213,11 @@ def test_trace_points_take_the_last_recorded_step(tmp_path: Path) -> None:
     row = collect(tmp_path).iloc[0]
     # 10 % of 10 = step 1 -> recorded step 0; 50 % = 5 -> step 4; 100 % -> step 10
     assert row[list(TRACE_COLUMNS)].tolist() == [1.0, 1.0, 2.0, 4.0]
+    # 90 % of 10 = step 9 -> recorded step 8 (3): gain (4 − 3) / 4 = 25 %, still rising
+    assert row["trace.gain_last10%"] == pytest.approx(0.25) and not row["trace.converged"]
+    (job / "trace.csv").write_text("step,activation\n0,1\n5,4\n9,4\n10,4.01\n")
+    row = collect(tmp_path).iloc[0]
+    assert row["trace.gain_last10%"] == pytest.approx(0.01 / 4.01) and row["trace.converged"]
     (job / "trace.csv").write_text("step;activation\n")
     row = collect(tmp_path).iloc[0]
     assert row["status"] == "corrupt" and row["result.error"].startswith("trace.csv: header")

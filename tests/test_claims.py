@@ -503,11 +503,11 @@ def test_pure_noise_claims_are_rarely_decisive() -> None:
     """End to end through evaluate: 8 channels × 2 seeds of noise, few false verdicts."""
     claim = Claim("noise", "optimizer.weight_decay", "display.brightness", "decrease", min_effect=0)
     decisive = 0
-    for trial in range(40):
+    for trial in range(25):
         df = sweep(np.random.default_rng(1000 + trial), clamps=(True,), wds=(0.0, 1e-3, 1e-1),
                    offset_sd=3.0)
-        decisive += one(df, claim, n_boot=1000, seed=trial)["verdict"] in ("supported", "contradicted")
-    assert decisive <= 2
+        decisive += one(df, claim, n_boot=500, seed=trial)["verdict"] in ("supported", "contradicted")
+    assert decisive <= 1
 
 
 def clustered(rng: np.random.Generator, *, seeds: int = 6) -> pd.DataFrame:
