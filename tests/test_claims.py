@@ -427,7 +427,8 @@ def test_shipped_notes_claims_load_fit_and_evaluate():
             "optimizer.weight_decay": 1e-5, "regularizer.clamp": True, "blur.kind": "box", "blur.k": 3}
     variants = [{}, {"target.relu": "pre"}, {"optimizer.momentum": 0.0}, {"optimizer.momentum": 0.99},
                 {"optimizer.weight_decay": 1e-1}, {"regularizer.clamp": False}, {"blur.k": 1},
-                {"blur.k": 7}, {"optimizer.name": "adam", "optimizer.momentum": None}]
+                {"blur.k": 7}, {"optimizer.name": "adam", "optimizer.momentum": None},
+                {"blur.kind": "gaussian", "blur.k": 3}, {"blur.kind": "gaussian", "blur.k": 7}]
     rng = np.random.default_rng(18)
     metrics = ["display.dominance", "display.brightness", "display.checkerboard", "display.hf_energy",
                "display.sharpness", "display.contrast", "raw.brightness"]
