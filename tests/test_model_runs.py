@@ -90,10 +90,11 @@ def test_torchvision_classifier_by_name(arch: str, layer: str) -> None:
 def test_grayscale_network_writes_grayscale_artifacts_and_metrics(tmp_path: Path) -> None:
     """in_channels=1: the image is (H, W, 1) end to end; image.png is an 8-bit grayscale PNG;
     the analysis measures it as the grey image it is (luma = the channel, no colour)."""
-    gray = [*SMALL_NET[:2], "model.mean=[0.5]", "model.std=[0.25]", "model.in_channels=1",
-            "model.size=32"]
-    results = sweep(tmp_path, *gray, *RISE, "steps=4", "target.layer=block_b", "target.channel=2",
-                    "seed=0,1")
+    # The network comes from the user's own config file (model/small_gray.yaml: defaults custom,
+    # in_channels 1, its normalization), found through hydra.searchpath.
+    conf = TESTS / "featsweep_testnets" / "conf"
+    results = sweep(tmp_path, f"hydra.searchpath=[file://{conf}]", "model=small_gray", *RISE,
+                    "steps=4", "target.layer=block_b", "target.channel=2", "seed=0,1")
     assert [r["status"] for r in results] == ["ok", "ok"]
     assert all(r["activation"] > r["activation_start"] for r in results)
     from featsweep.analysis import collect
