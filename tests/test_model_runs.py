@@ -179,3 +179,18 @@ def test_four_channel_network(tmp_path: Path) -> None:
     lo, hi = optimized.min(), optimized.max()
     expected = np.rint((optimized[..., 1] - lo) / (hi - lo) * 255)
     assert np.abs(strip[:, 32:64].astype(float) - expected).max() <= 1
+
+
+@pytest.mark.usefixtures("hydra_conf")
+@pytest.mark.parametrize("channels", [1, 4])
+def test_fourier_parameterization_follows_the_channels(channels: int) -> None:
+    """param=fft builds a C-channel image for a C-channel network (colour decorrelation is
+    RGB-only and refused otherwise); the pre-ReLU channel rises."""
+    norm = ",".join(["0.5"] * channels)
+    (job,) = specs([*SMALL_NET[:2], f"model.mean=[{norm}]", f"model.std=[{norm}]",
+                    f"model.in_channels={channels}", "model.size=32", "target.layer=block_a",
+                    "target.relu=pre", "param=fft", "param.decorrelate=false", "steps=3", *RISE],
+                   [])
+    (outcome,) = run_batch([job])
+    assert outcome.status == "ok" and outcome.pixels.shape == (32, 32, channels)
+    assert outcome.activation > outcome.activation_start
