@@ -598,3 +598,13 @@ def test_analysis_house_report_uses_public_claims_api_and_modules_stay_small() -
                         assert alias.name in claims_module.__all__, (name, alias.name)
     for path in package.glob("*.py"):
         assert len(path.read_text().splitlines()) <= 520, path.name
+
+
+def test_flagged_ok_jobs_are_listed(sweep: Path, tmp_path: Path) -> None:
+    """The app flags a finished job whose activation did not rise (result.json flag)."""
+    result = json.loads((sweep / "2" / "result.json").read_text())
+    result.update(flag="not_rising", flag_message="the activation did not rise (0.02 -> 0)")
+    (sweep / "2" / "result.json").write_text(json.dumps(result))
+    text = write_report(sweep, out_dir=tmp_path / "out", n_boot=200).read_text()
+    assert "1 finished job(s) are flagged" in text
+    assert "| 2 | optimizer.weight_decay=0.1, seed=0 | not_rising | the activation did not rise (0.02 -> 0) |" in text

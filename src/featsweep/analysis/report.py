@@ -248,6 +248,22 @@ def _status_section(df: pd.DataFrame) -> list[str]:
                       "error": [textwrap.shorten(str(e), 160) if isinstance(e, str) else "–"
                                 for e in bad.get("result.error", [None] * len(bad))],
                   }), max_rows=MAX_TABLE_ROWS), ""]
+    if "result.flag" in df:
+        flagged = df[df["status"].astype(str).eq("ok") & df["result.flag"].notna()
+                     & df["result.flag"].astype(str).ne("")]
+        if len(flagged):
+            keys = list(swept_factors(df))
+            messages = flagged.get("result.flag_message", pd.Series([None] * len(flagged)))
+            lines += [f"{len(flagged)} finished job(s) are flagged (written and analysed, but "
+                      "look before trusting them):", "",
+                      markdown_table(pd.DataFrame({
+                          "job": flagged["job.num"].to_numpy(),
+                          "overrides": [factor_label(parse_overrides(o), keys) or o
+                                        for o in flagged["job.overrides"]],
+                          "flag": flagged["result.flag"].to_numpy(),
+                          "why": [textwrap.shorten(str(m), 200) if isinstance(m, str) else "–"
+                                  for m in messages],
+                      }), max_rows=MAX_TABLE_ROWS), ""]
     return lines
 
 
