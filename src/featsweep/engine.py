@@ -124,8 +124,6 @@ def load_network(spec: RunSpec, device: torch.device) -> tuple[nn.Module, list]:
     key = (spec.model, str(device))
     if key not in _MODELS:
         model = build_model(spec.model).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
         _MODELS.clear()  # one network at a time: a sweep is grouped by model
         _MODELS[key] = (model, probe_layers(model, _probe_size(spec), device,
                                             in_channels=model_info(spec.model).in_channels))
@@ -270,6 +268,37 @@ class _Clamp:
         return torch.where(self.cross, back, own)
 
 
+def memory_format(spec: RunSpec, device: torch.device) -> torch.memory_format:
+    """The layout of a batch's images and the network's convolution weights.
+
+    ``auto`` is channels-last on both devices, a measured rule: on the project's 2-core CPU,
+    EfficientNet-Lite0's truncated fwd + input gradient is 1.23x (B=1) to 1.78x (B=64) faster in
+    channels-last, Inception v3 1.13x, and the tiny test network within ±15 % either way
+    (docs/CONTRACTS.md; benchmarks/bench_speed.py reports both floors); on CUDA it is what cuDNN's
+    fastest kernels want. Layouts round differently, so a job's image depends on it (to ~1e-6
+    over a few steps); result.json records it.
+    """
+    if spec.engine.memory_format == "contiguous":
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def make_reader(model: nn.Module, targets: Sequence[tuple[str, str]], order: Sequence[str],
+                spec: RunSpec, size: int, device: torch.device) -> nn.Module | LayerReader:
+    """The truncated forward for `targets`: an FX graph cut (featsweep.graph; no exception, no
+    TorchFunctionMode, so it compiles as one graph) where the network traces and agrees with the
+    hook reader on a probe image; the hook reader (targets.LayerReader) otherwise."""
+    if spec.engine.truncate == "auto":
+        from featsweep.graph import graph_reader
+
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand(1, model_info(spec.model).in_channels, size, size, generator=g)
+        reader = graph_reader(model, targets, order, probe.to(device))
+        if reader is not None:
+            return reader
+    return LayerReader(model, targets, order)
+
+
 def _trace_stride(max_steps: int) -> int:
     return max(1, -(-max_steps // TRACE_MAX))
 
@@ -308,7 +337,9 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         return batch_column(values, device)
 
     # --- components, built once per batch ------------------------------------------------------
-    params = ImageParams(specs, info.in_channels, info.mean, info.std, device)
+    layout = memory_format(first, device)
+    model.to(memory_format=layout)
+    params = ImageParams(specs, info.in_channels, info.mean, info.std, device, layout)
     mean, std = params.mean, params.std
     opts = [BatchedOptimizer.create([specs[i].optimizer for i in g.rows_list], g.tensor)
             for g in params.groups]
@@ -332,7 +363,8 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         mask = None
         if any(through) and not all(through):
             mask = torch.tensor(through, device=device).view(-1, 1, 1, 1)
-        forwards.append((sg, LayerReader(model, targets, order),
+        reader = make_reader(model, targets, order, first, first.image.size + 2 * sg.pad, device)
+        forwards.append((sg, reader,
                          Objectives(specs, sg.rows, device, directions), any(through), mask,
                          sg.rows == list(range(batch))))
     group_names = [s.target.diversity_group for s in specs]
@@ -432,6 +464,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                 pix = seen if rows is None else seen[rows]
                 moved = (transforms.apply(sg, pix, t) - mean) / std
                 x = moved if through_mask is None else torch.where(through_mask, moved, x)
+                x = x.contiguous(memory_format=layout)
             with autocast:
                 if mask is not None:
                     with redirecting(mask if rows is None else mask[rows]):
@@ -565,7 +598,9 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                   "objective": spec.target.kind, "param": spec.param.kind,
                   "model_input_size": spec.image.size + 2 * spec.transform.pad,
                   "forwards_per_step": len(forwards), "clamp": resolved_clamp[i],
-                  "trace_stride": stride},
+                  "trace_stride": stride,
+                  "memory_format": "channels_last" if layout == torch.channels_last else "contiguous",
+                  "truncation": "graph" if not isinstance(forwards[0][1], LayerReader) else "hooks"},
             state=state,
         ))
     return outcomes

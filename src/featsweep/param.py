@@ -88,7 +88,8 @@ class ImageParams:
     """The parameters of a batch of B images and their map to pixel-space images."""
 
     def __init__(self, specs: Sequence[RunSpec], channels: int, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device) -> None:
+                 std: Sequence[float], device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         size = specs[0].image.size
         self.batch, self.channels, self.size, self.device = len(specs), channels, size, device
         self.mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
@@ -101,8 +102,8 @@ class ImageParams:
             members = [specs[i] for i in rows]
             tensor = torch.stack([initial_params(s, channels, self.mean, self.std)
                                   for s in members]).to(device)
-            if device.type == "cuda" and tensor.dim() == 4:
-                tensor = tensor.contiguous(memory_format=torch.channels_last)
+            if tensor.dim() == 4:  # pixel tensors in the batch's layout (see engine.memory_format)
+                tensor = tensor.contiguous(memory_format=memory_format)
             decor = [s.param.decorrelate for s in members]
             sig = [s.param.squash == "sigmoid" for s in members]
             scale = None

@@ -57,6 +57,8 @@ SPACES = ("pixel", "normalized")
 PARAM_KINDS = ("pixel", "fft")
 SQUASHES = ("none", "sigmoid")
 PAD_MODES = ("constant", "reflect", "replicate")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+TRUNCATIONS = ("auto", "hooks")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 
@@ -82,7 +84,7 @@ class ModelSpec:
 
     name: str  # a key of MODELS, or "torchvision" | "timm" | "custom"
     weights: str  # "pretrained", "random", a torchvision weights name (IMAGENET1K_V2), or a path
-    arch: str | None = None  # torchvision/timm architecture, e.g. "resnet18", "vit_tiny_patch16_224"
+    arch: str | None = None  # torchvision/timm architecture, e.g. "resnet18", "convnext_tiny"
     target: str | None = None  # custom: import path of a factory returning an nn.Module (_target_)
     args: str = "{}"  # builder/factory keyword arguments, a JSON object (sorted keys: hashable)
     mean: tuple[float, ...] | None = None  # input normalization, one value per input channel
@@ -337,6 +339,16 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
+class EngineSpec:
+    """How a batch runs: speed settings, shared by a batch (part of the batch key)."""
+
+    memory_format: str = "auto"  # auto (= channels_last) | channels_last | contiguous
+    truncate: str = "auto"  # auto: FX graph cut (featsweep.graph) where it traces, else hooks
+    compile: bool = False  # torch.compile(fullgraph=True) of the step
+    cuda_graphs: bool = False  # CUDA only: capture the step once, replay it
+
+
+@dataclass(frozen=True)
 class TransformSpec:
     """Random differentiable transforms between the image and the model, redrawn every step
     (featsweep.transforms), in this order: pad -> jitter -> scale -> rotate -> jitter_final."""
@@ -376,11 +388,13 @@ class RunSpec:
     precision: str  # "fp32" | "bf16" (autocast on CUDA)
     param: ParamSpec = ParamSpec()
     transform: TransformSpec = TransformSpec()
+    engine: EngineSpec = EngineSpec()
 
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one batch (same network, image size, device and
-        precision). Parameterization, space, transforms, objectives and penalties are per image."""
-        return (self.model.identity(), self.image.size, self.device, self.precision)
+        precision, and engine settings). Parameterization, space, transforms, objectives and
+        penalties are per image."""
+        return (self.model.identity(), self.image.size, self.device, self.precision, self.engine)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -584,8 +598,17 @@ def _from_config(cfg: Mapping[str, Any]) -> RunSpec:
         device=_choice("device", _get(cfg, "device"), DEVICES),
         log_every=_number("log_every", _get(cfg, "log_every", 100), kind=int, low=1),
         precision=_choice("precision", _get(cfg, "precision", "fp32"), PRECISIONS),
-        param=param, transform=transform,
+        param=param, transform=transform, engine=_engine(cfg),
     )
+
+
+def _engine(cfg: Mapping[str, Any]) -> EngineSpec:
+    return EngineSpec(
+        memory_format=_choice("engine.memory_format", _get(cfg, "engine.memory_format", "auto"),
+                              MEMORY_FORMATS),
+        truncate=_choice("engine.truncate", _get(cfg, "engine.truncate", "auto"), TRUNCATIONS),
+        compile=_flag("engine.compile", _get(cfg, "engine.compile", False)),
+        cuda_graphs=_flag("engine.cuda_graphs", _get(cfg, "engine.cuda_graphs", False)))
 
 
 def _optional_int(key: str, value: Any, low: int = 0) -> int | None:

@@ -1,0 +1,114 @@
+"""The engine's speed paths give the same results: memory layout, FX truncation, compilation.
+
+Layouts and kernels round differently and the optimization amplifies rounding (DESIGN's chaos
+pitfall), so equality is checked over a few steps only.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from featsweep.engine import make_reader, run_batch
+from featsweep.graph import GraphReader, graph_reader
+from featsweep.models import build_model
+from featsweep.spec import RunSpec, from_config
+from featsweep.targets import LayerReader, probe_layers
+
+
+def spec(**changes: Any) -> RunSpec:
+    cfg: dict[str, Any] = {
+        "model": {"name": "tiny", "weights": "random"},
+        "target": {"layer": "block3", "channel": 12, "relu": "post"},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
+                      "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8},
+        "regularizer": {"clamp": True, "clamp_range": [0.0, 1.0], "clamp_space": None},
+        "blur": {"kind": "box", "k": 3, "sigma": None, "every": 1},
+        "image": {"size": 32, "space": "normalized"},
+        "steps": 5, "seed": 0, "device": "cpu", "log_every": 100,
+    }
+    cfg = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_config(cfg)
+
+
+def run(*specs: RunSpec) -> list:
+    return run_batch(list(specs), emit=lambda line: None)
+
+
+SETTINGS = [{}, {"target.relu": "pre", "optimizer.name": "adam"},
+            {"param.kind": "fft", "param.decorrelate": True, "param.squash": "sigmoid",
+             "image.space": "pixel", "transform.jitter": 3, "transform.rotate": [-5.0, 5.0],
+             "optimizer.name": "adam"}]
+
+
+class TestLayout:
+    @pytest.mark.parametrize("changes", SETTINGS, ids=["notes", "pre-adam", "fft-transforms"])
+    def test_channels_last_equals_contiguous(self, changes: dict) -> None:
+        (a,) = run(spec(**changes))
+        (b,) = run(spec(**changes, **{"engine.memory_format": "contiguous"}))
+        assert a.info["memory_format"] == "channels_last" and b.info["memory_format"] == "contiguous"
+        np.testing.assert_allclose(a.pixels, b.pixels, rtol=0, atol=1e-6)
+
+    def test_layout_is_part_of_the_batch_key(self) -> None:
+        assert spec().batch_key() != spec(**{"engine.memory_format": "contiguous"}).batch_key()
+
+
+class TestGraphTruncation:
+    @pytest.mark.parametrize("model, targets", [
+        ("tiny", [("block3", "post"), ("block2", "pre"), ("block3", "pre")]),
+        ("efficientnet_lite0", [("_blocks.10", "post"), ("_blocks.10._bn1", "pre"),
+                                ("_blocks.4", "post")]),
+    ])
+    def test_graph_equals_hooks_bit_for_bit(self, model: str, targets: list) -> None:
+        net = build_model(spec(**{"model.name": model, "model.weights":
+                                  "random" if model == "tiny" else "pretrained"}).model)
+        order = [i.name for i in probe_layers(net, 64)]
+        reader = graph_reader(net, targets, order, torch.rand(1, 3, 48, 48))
+        assert isinstance(reader, GraphReader)
+        x = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got, want = reader(x), LayerReader(net, targets, order)(x)
+        for t in targets:
+            assert torch.equal(got[t], want[t]), t
+        pre = got[targets[1]]
+        assert float(pre.min()) < 0  # a real pre-ReLU tensor, not overwritten by in-place ReLUs
+
+    def test_nothing_after_the_deepest_target_runs(self) -> None:
+        net = build_model(spec().model)
+        order = [i.name for i in probe_layers(net, 64)]
+        reader = graph_reader(net, [("block2", "post")], order, torch.rand(1, 3, 32, 32))
+        called = [n.target for n in reader.module.graph.nodes if n.op == "call_module"]
+        assert not any(str(c).startswith(("block3", "head")) for c in called)
+
+    def test_untraceable_network_falls_back_to_hooks(self) -> None:
+        class Branchy(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 4, 3)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.sum() > 0:  # data-dependent control flow: FX cannot trace it
+                    x = x * 2
+                return self.conv(x)
+
+        net = Branchy().eval()
+        order = [i.name for i in probe_layers(net, 16)]
+        assert graph_reader(net, [("conv", "post")], order, torch.rand(1, 3, 16, 16)) is None
+        reader = make_reader(net, [("conv", "post")], order, spec(), 16, torch.device("cpu"))
+        assert isinstance(reader, LayerReader)
+
+    def test_hooks_on_request_and_same_result(self) -> None:
+        (a,) = run(spec(**SETTINGS[1]))
+        (b,) = run(spec(**SETTINGS[1], **{"engine.truncate": "hooks"}))
+        assert a.info["truncation"] == "graph" and b.info["truncation"] == "hooks"
+        assert np.array_equal(a.pixels, b.pixels)
