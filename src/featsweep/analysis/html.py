@@ -200,7 +200,8 @@ def _table(frame: pd.DataFrame, *, table_id: str, groups: Mapping[str, str] | No
 
 def _job_label(row: Mapping[str, Any]) -> str:
     act = row.get("activation")
-    return f"#{_cell_text(row.get('job.num'))} · {row.get('status')} · activation {_cell_text(act)}"
+    num = _cell_text(row.get("job.num"))
+    return f"#{num} · {row.get('status')} · activation {_cell_text(act)}"
 
 
 def _factor_grids(df: pd.DataFrame, thumbs: Sequence[str | None]) -> list[str]:
@@ -299,7 +300,7 @@ table.grid img.thumb{display:inline-block;margin:1px}
 img.plot{max-width:46rem;border:1px solid #ddd}
 figure{display:inline-block;margin:.5rem}
 #controls label{margin-right:1em}
-#count{font-weight:600;margin-left:1em}
+#jobs-count{font-weight:600;margin-left:1em}
 """
 
 # Sorting and filtering for every table.sortable (no library). Each cell's data-v holds the
@@ -307,10 +308,11 @@ figure{display:inline-block;margin:.5rem}
 SCRIPT = r"""
 (function () {
   "use strict";
-  function num(s) {
+  function num(s) {  // Python's repr of a float: also "inf", "-inf"
     if (s === "" || s === null) return NaN;
-    var x = Number(s);
-    return isFinite(x) || s === "inf" || s === "-inf" ? x : NaN;
+    if (s === "inf") return Infinity;
+    if (s === "-inf") return -Infinity;
+    return Number(s);
   }
   function compare(a, b) {
     if (a === "" || b === "") return (a === "") - (b === "");
@@ -369,7 +371,8 @@ SCRIPT = r"""
           rows.sort(function (a, b) {
             var va = cellValue(a, col), vb = cellValue(b, col);
             if (va === "" || vb === "") return (va === "") - (vb === "");  // empty last
-            return dir * compare(va, vb) || (+a.getAttribute("data-row") - +b.getAttribute("data-row"));
+            return dir * compare(va, vb) ||
+              (+a.getAttribute("data-row") - +b.getAttribute("data-row"));  // stable
           });
           for (var r = 0; r < rows.length; r++) body.appendChild(rows[r]);
         });
@@ -462,7 +465,8 @@ def write_html_report(out_dir: str | Path, *, title: str | None = None) -> Path:
         "text matches anywhere, <code>&gt;0.5</code> <code>&lt;=3</code> <code>=1</code> "
         "<code>!=ok</code> compare. Click a thumbnail for the full image.</p>",
         f'<div class="wrap"><div id="controls">columns: {controls}'
-        '<input class="filter-all" data-table="jobs" type="search" placeholder="filter all columns" '
+        '<input class="filter-all" data-table="jobs" type="search" '
+        'placeholder="filter all columns" '
         f'aria-label="filter all columns"><span id="jobs-count"></span></div>'
         f'<div class="scroll">{table}'
         "</div></div>",
