@@ -112,3 +112,30 @@ class TestGraphTruncation:
         (b,) = run(spec(**SETTINGS[1], **{"engine.truncate": "hooks"}))
         assert a.info["truncation"] == "graph" and b.info["truncation"] == "hooks"
         assert np.array_equal(a.pixels, b.pixels)
+
+
+class TestCompiledStep:
+    @pytest.mark.slow
+    def test_fullgraph_compile_equals_eager(self) -> None:
+        """engine.compile=true: the step compiles as ONE graph (fullgraph=True raises on any graph
+        break) and gives the eager images within 1e-5, for a batch mixing the notes' pixels
+        (SGD, clamp, box blur, pre-ReLU) with FFT + random transforms + a penalty under Adam, over
+        3 steps (Adam turns the fused kernels' rounding into whole steps soon after: 2e-5 at 5)."""
+        settings = ({"target.relu": "pre", "steps": 3},
+                    {**SETTINGS[2], "regularizer.tv": 0.05, "seed": 1, "steps": 3})
+        specs = [spec(**c) for c in settings]
+        compiled = [spec(**{**c, "engine.compile": True}) for c in settings]
+        eager = run(*specs)
+        got = run(*compiled)
+        for a, b in zip(eager, got):
+            assert b.status == "ok"
+            np.testing.assert_allclose(b.pixels, a.pixels, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(b.trace, a.trace, rtol=1e-5, atol=1e-5)
+
+    def test_compile_refuses_what_it_cannot_capture(self) -> None:
+        from featsweep.errors import ConfigError
+
+        with pytest.raises(ConfigError, match=r"engine\.compile=True.*redirected ReLU"):
+            run(spec(**{"engine.compile": True, "target.relu_gradient": "redirect"}))
+        with pytest.raises(ConfigError, match=r"engine\.cuda_graphs=True.*CUDA device"):
+            run(spec(**{"engine.cuda_graphs": True}))

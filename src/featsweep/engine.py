@@ -299,6 +299,45 @@ def make_reader(model: nn.Module, targets: Sequence[tuple[str, str]], order: Seq
     return LayerReader(model, targets, order)
 
 
+@dataclass
+class _LoopState:
+    """What a step changes besides the parameters and optimizer state."""
+
+    alive: torch.Tensor  # (B,) bool: not diverged
+    diverged_at: torch.Tensor  # (B,) long: step of divergence, -1 = none
+    before_blur: list  # per parameter group, the images before their last blur
+
+
+def compiled_step(step: Callable, spec: RunSpec, device: torch.device,
+                  forwards: list) -> Callable:
+    """`step` itself, or with ``engine.compile`` ``torch.compile(step, fullgraph=True)`` (the
+    autograd call traced into the graph), or with ``engine.cuda_graphs`` on CUDA the compiled
+    step in inductor's CUDA-graph mode ("reduce-overhead": capture once, replay)."""
+    if not (spec.engine.compile or spec.engine.cuda_graphs):
+        return step
+    if spec.engine.cuda_graphs and device.type != "cuda":
+        raise config_error("engine.cuda_graphs", True, "CUDA graphs need a CUDA device and this "
+                           f"job runs on {device.type}; use engine.cuda_graphs=false")
+    if any(isinstance(f[1], LayerReader) for f in forwards):
+        raise config_error("engine.compile", True, f"{spec.model.name} could not be cut as an FX "
+                           "graph at the target (it does not trace), so its forward stops with "
+                           "an exception that torch.compile cannot capture; use engine.compile=false")
+    if spec.target.relu_gradient == "redirect":
+        raise config_error("engine.compile", True, "the redirected ReLU gradient runs as a "
+                           "TorchFunctionMode, which a fullgraph compile does not capture; use "
+                           "engine.compile=false with target.relu_gradient=redirect")
+    import torch._dynamo
+
+    mode = "reduce-overhead" if spec.engine.cuda_graphs else None
+    compiled = torch.compile(step, fullgraph=True, mode=mode, dynamic=False)
+
+    def run(t: torch.Tensor, draws: list) -> torch.Tensor:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(t, draws)
+
+    return run
+
+
 def _trace_stride(max_steps: int) -> int:
     return max(1, -(-max_steps // TRACE_MAX))
 
@@ -444,9 +483,13 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
          f"{'/'.join(kinds)}, {len(forwards)} forward(s) per step"
          f"{f', continuing from step {start}' if start else ''})")
 
-    def objective_values(tensors: Sequence[torch.Tensor], t: int,
+    use_redirect = any(redirect)
+
+    def objective_values(tensors: Sequence[torch.Tensor], t: torch.Tensor, draws: list,
                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) objective values and (B,) loss terms (penalties + diversity) at step t."""
+        """(B,) objective values and (B,) loss terms (penalties + diversity) at step `t` (a 0-d
+        tensor, so a compiled step does not specialize on it); `draws`: per forward, its
+        transform draws for this step (or None)."""
         need_pixels = penalties.any or any(f[3] for f in forwards)
         images = params.image(tensors) if need_pixels else None
         direct = params.model_input(tensors)
@@ -454,15 +497,13 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         if forward_blur_on is not None:
             seen = torch.where(forward_blur_on, blur_batch(images, kernels), images)
         acts, grams = [], []
-        mask = None
-        if with_grad and t < redirect_last:
-            mask = redirect_until > t
-        for sg, reader, objective, through, through_mask, whole in forwards:
+        mask = redirect_until > t if with_grad and use_redirect else None
+        for (sg, reader, objective, through, through_mask, whole), d in zip(forwards, draws):
             rows = None if whole else sg.rows_t
             x = direct if rows is None else direct[rows]
             if through:
                 pix = seen if rows is None else seen[rows]
-                moved = (transforms.apply(sg, pix, t) - mean) / std
+                moved = (transforms.apply(sg, pix, 0, draws=d) - mean) / std
                 x = moved if through_mask is None else torch.where(through_mask, moved, x)
                 x = x.contiguous(memory_format=layout)
             with autocast:
@@ -483,26 +524,24 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
             extra = extra + div_weight * diversity_terms(g_all, div_group)
         return act, extra
 
-    # --- the loop -----------------------------------------------------------------------------
-    done = start
-    last_act = None
-    for t in range(start, max_steps):
-        if should_stop is not None and should_stop():
-            break
+    loop = _LoopState(alive=alive, diverged_at=diverged_at, before_blur=before_blur)
+
+    def step(t: torch.Tensor, draws: list) -> torch.Tensor:
+        """One update of every image (t: the step, 0-d tensor). Only tensor ops and branches
+        fixed for the batch, no host syncs: it compiles as one graph (engine.compile)."""
         tensors = [g.tensor.detach().requires_grad_(True) for g in params.groups]
-        act, extra = objective_values(tensors, t, with_grad=True)
+        act, extra = objective_values(tensors, t, draws, with_grad=True)
         grads = torch.autograd.grad((extra - act).sum(), tensors)
         with torch.no_grad():
-            if t % stride == 0:
-                trace[t // stride] = act.detach()
             finite = torch.isfinite(act)
             for g, grad in zip(params.groups, grads):
                 ok = torch.isfinite(grad).flatten(1).all(dim=1)
                 finite = finite.index_copy(0, g.rows, finite[g.rows] & ok)
-            running = alive & (t < steps) & (t >= begin)
+            running = loop.alive & (t < steps) & (t >= begin)
             newly_bad = running & ~finite
-            diverged_at = torch.where(newly_bad, torch.full_like(diverged_at, t), diverged_at)
-            alive = alive & ~newly_bad
+            loop.diverged_at = torch.where(newly_bad, t.expand_as(loop.diverged_at),
+                                           loop.diverged_at)
+            loop.alive = loop.alive & ~newly_bad
             active = running & finite
             blur_due = active & project_blur_on & ((t + 1) % blur_every == 0)
             for gi, (g, opt, grad, clamp) in enumerate(zip(params.groups, opts, grads, clamps)):
@@ -517,7 +556,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                         g.tensor.copy_(torch.where(a4, clamp(g.tensor), g.tensor))
                     if kernels is not None:
                         d4 = due.view(-1, 1, 1, 1)
-                        before_blur[gi] = torch.where(d4, g.tensor, before_blur[gi])
+                        loop.before_blur[gi] = torch.where(d4, g.tensor, loop.before_blur[gi])
                         g.tensor.copy_(torch.where(d4, blur_batch(g.tensor, kernels[g.rows]),
                                                    g.tensor))
                 elif clamp.any or projects[gi]:
@@ -526,16 +565,38 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                         img = torch.where(act_g.view(-1, 1, 1, 1), clamp(img), img)
                     if kernels is not None:
                         d4 = due.view(-1, 1, 1, 1)
-                        before_blur[gi] = torch.where(d4, img, before_blur[gi])
+                        loop.before_blur[gi] = torch.where(d4, img, loop.before_blur[gi])
                         img = torch.where(d4, blur_batch(img, kernels[g.rows]), img)
                     params.project(g, img, act_g)
+        return act.detach()
+
+    run_step = compiled_step(step, first, device, forwards)
+
+    # --- the loop -----------------------------------------------------------------------------
+    done = start
+    last_act = None
+    t_now = torch.tensor(start, device=device)
+    for t in range(start, max_steps):
+        if should_stop is not None and should_stop():
+            break
+        draws = [transforms.draws(sg.rows, t) if sg.warped is not None else None
+                 for sg, *_ in forwards]
+        act = run_step(t_now, draws)
+        with torch.no_grad():
+            if t % stride == 0:
+                trace[t // stride] = act
+            t_now += 1
         done = t + 1
         if done % log_every == 0 or done == max_steps:
-            last_act = act.detach()
-            progress(done, last_act.tolist(), int(alive.sum()))
+            last_act = act
+            progress(done, last_act.tolist(), int(loop.alive.sum()))
+    alive, diverged_at, before_blur = loop.alive, loop.diverged_at, loop.before_blur
 
     with torch.no_grad():
-        final, _ = objective_values(params.tensors, done, with_grad=False)
+        final_draws = [transforms.draws(sg.rows, done) if sg.warped is not None else None
+                       for sg, *_ in forwards]
+        final, _ = objective_values(params.tensors, torch.tensor(done, device=device),
+                                    final_draws, with_grad=False)
     if last_act is None or done % log_every:
         progress(done, final.tolist(), int(alive.sum()))  # the last line shows the final values
     seconds = time.perf_counter() - t_start

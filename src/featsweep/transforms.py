@@ -128,8 +128,12 @@ class RandomTransforms:
             out[k] = self._cache[key][step % CHUNK]
         return torch.from_numpy(out).float().to(self.device)
 
-    def apply(self, group: SizeGroup, images: torch.Tensor, step: int) -> torch.Tensor:
-        """(n, C, H, W) pixel images of `group` (batch order of its rows) -> (n, C, H', W')."""
+    def apply(self, group: SizeGroup, images: torch.Tensor, step: int,
+              draws: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, C, H, W) pixel images of `group` (batch order of its rows) -> (n, C, H', W').
+
+        `draws`: the group's (n, 6) draws for this step, when the caller drew them already
+        (``self.draws(group.rows, step)``; the engine does, outside its compiled step)."""
         if not group.transformed:
             return images
         x = images
@@ -143,7 +147,8 @@ class RandomTransforms:
                                           value[k:k + 1]) for k, i in enumerate(group.rows)])
         if group.warped is not None:
             h, w = x.shape[-2:]
-            m = affine_matrices(self.draws(group.rows, step), h, w)
+            d = self.draws(group.rows, step) if draws is None else draws
+            m = affine_matrices(d, h, w)
             warped = warp_affine(x, m.to(x.dtype), dsize=(h, w), mode="bilinear",
                                  padding_mode="zeros", align_corners=True)
             x = torch.where(group.warped.view(-1, 1, 1, 1), warped, x)
