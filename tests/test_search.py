@@ -77,6 +77,15 @@ class TestObjectiveNames:
         assert fragment in text
 
 
+def test_sweeper_params_on_the_command_line_become_sweep_overrides() -> None:
+    argv = ["-m", "hydra.sweeper.params.optimizer.lr=interval(0.001,0.1)",
+            "hydra.sweeper.params.seed=choice(0,1)", "hydra.sweeper.n_trials=8", "blur.k=3",
+            "hydra.sweeper.params.=x"]
+    assert search.params_as_overrides(argv) == [
+        "-m", "optimizer.lr=interval(0.001,0.1)", "seed=choice(0,1)", "hydra.sweeper.n_trials=8",
+        "blur.k=3", "hydra.sweeper.params.=x"]
+
+
 class TestDirections:
     def _cfg(self, metric: Any, direction: Any) -> Any:
         return OmegaConf.create({"optimized_metric": metric,
@@ -176,14 +185,16 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.slow
 def test_optuna_rounds_run_as_batches_and_best_value_is_the_best_trial(tmp_path: Path) -> None:
-    """The issue's command: 8 trials, 4 per round -> 2 batches of 4; best_value is the highest
-    result.json activation of the 8 and best_params are that trial's."""
+    """The issue's command, spelled as there (hydra.sweeper.params.optimizer.lr=interval(...),
+    which featsweep's CLI passes on as optimizer.lr=interval(...)): 8 trials, 4 per round -> 2
+    batches of 4; best_value is the highest result.json activation of the 8 and best_params are
+    that trial's."""
     sweep = tmp_path / "sweep"
     log = _ok(run_module(
         "featsweep", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=8",
         "hydra.sweeper.n_jobs=4", "hydra.sweeper.direction=maximize",
-        "optimizer.lr=interval(0.001,0.1)", *TINY, "steps=10", f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path))
+        "hydra.sweeper.params.optimizer.lr=interval(0.001,0.1)", *TINY, "steps=10",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path))
     batches = re.findall(r"Batched (\d+) jobs into (\d+) batch\(es\)", log)
     assert batches == [("4", "1"), ("4", "1")], log[-3000:]
     results = _results(sweep)

@@ -64,8 +64,12 @@ def _print_error(exc: BaseException) -> None:
 
 
 def _rewrite(argv: list[str]) -> list[str]:
-    """``--dry-run`` -> a multirun with ``hydra.launcher.dry_run=true``; ``--cfg``/``--info``
+    """``hydra.sweeper.params.KEY=VALUE`` -> ``KEY=VALUE`` (see
+    ``featsweep.search.params_as_overrides``); ``--dry-run`` -> a multirun with ``hydra.launcher.dry_run=true``; ``--cfg``/``--info``
     with ``-m`` (which Hydra refuses with a traceback) -> a clear message (SystemExit 2)."""
+    from featsweep.search import params_as_overrides
+
+    argv = params_as_overrides(argv)  # hydra.sweeper.params.K=interval(...) -> K=interval(...)
     multirun = any(a in _MULTIRUN for a in argv)
     for flag, name in _ONE_RUN_ONLY.items():
         if flag in argv and multirun:

@@ -195,3 +195,26 @@ def job_value(cfg: Mapping[str, Any], result: Mapping[str, Any] | None,
         return None
     return out[0] if len(out) == 1 else out
 
+
+
+_PARAMS_PREFIX = "hydra.sweeper.params."
+
+
+def params_as_overrides(argv: list[str]) -> list[str]:
+    """Command-line ``hydra.sweeper.params.KEY=VALUE`` -> ``KEY=VALUE``.
+
+    Hydra 1.3 refuses a sweep value on any ``hydra.*`` key ("Sweeping over Hydra's configuration
+    is not supported"), and a dotted KEY would be read as a nested path, so the spelling
+    ``'hydra.sweeper.params.optimizer.lr=interval(0.001,0.1)'`` cannot reach the sweeper. Both of
+    Hydra's sweepers (basic and Optuna) build their search space from ``hydra.sweeper.params``
+    followed by the command-line sweep overrides, the later winning, so passing it on as the
+    override ``optimizer.lr=interval(0.001,0.1)`` means the same. Everything else is unchanged.
+    """
+    out = []
+    for arg in argv:
+        if arg.startswith(_PARAMS_PREFIX) and "=" in arg[len(_PARAMS_PREFIX):]:
+            key, value = arg[len(_PARAMS_PREFIX):].split("=", 1)
+            if key:
+                arg = f"{key}={value}"
+        out.append(arg)
+    return out
