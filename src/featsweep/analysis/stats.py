@@ -30,6 +30,7 @@ give p < 0.01, which would make any multiple-testing adjustment of 12 claims hop
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,14 @@ def hierarchical_bootstrap(values: np.ndarray, units: np.ndarray, *, n_boot: int
     Returns:
         :class:`Bootstrap` with arrays of shape (k,).
     """
+    with warnings.catch_warnings():
+        # A column without any finite entry (a level no group has) is NaN, not a warning.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _hierarchical(values, units, n_boot=n_boot, rng=rng, level=level)
+
+
+def _hierarchical(values: np.ndarray, units: np.ndarray, *, n_boot: int, rng: np.random.Generator,
+                  level: float) -> Bootstrap:
     values = np.asarray(values, dtype=float)
     if values.ndim == 1:
         values = values[:, None]
