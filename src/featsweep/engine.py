@@ -88,7 +88,7 @@ def tune_cpu_allocator() -> None:
     """Stop glibc from returning memory to the OS after every step.
 
     With stock settings each step's large activations are mmap'ed and unmapped again, and page
-    faults eat a core: batching on the CPU becomes slower than B = 1 (see DESIGN.md, Speed).
+    faults eat a core: batching on the CPU becomes slower than B = 1 (measured: BENCHMARKS.md).
     Same effect as MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=16 GiB, MALLOC_TOP_PAD_=1 GiB
     and MALLOC_MMAP_MAX_=0.
     """
