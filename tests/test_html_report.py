@@ -168,7 +168,8 @@ def test_every_row_and_thumbnail_renders(page: Any, table: pd.DataFrame) -> None
     thumbs = page.locator("#jobs tbody img.thumb")
     assert thumbs.count() == len(table)
     sizes = page.evaluate("""() => [...document.querySelectorAll('#jobs tbody img.thumb')]
-        .map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().height])""")
+        .map(i => [i.complete, i.naturalWidth, i.naturalHeight,
+                   i.getBoundingClientRect().height])""")
     assert all(done and w == 32 and h == 32 and shown > 0 for done, w, h, shown in sizes), sizes
     assert [int(v) for v in _column(page, "job.num")] == table["job.num"].tolist()
     assert page.text_content("#jobs-count") == f"{len(table)} of {len(table)} shown"
