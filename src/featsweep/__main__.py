@@ -66,7 +66,8 @@ def _print_error(exc: BaseException) -> None:
 def _rewrite(argv: list[str]) -> list[str]:
     """``hydra.sweeper.params.KEY=VALUE`` -> ``KEY=VALUE`` (see
     ``featsweep.search.params_as_overrides``); ``--dry-run`` -> a multirun with
-    ``hydra.launcher.dry_run=true``; ``--cfg``/``--info`` with ``-m`` (which Hydra refuses with a traceback) -> a clear message (SystemExit 2)."""
+    ``hydra.launcher.dry_run=true``; ``--cfg``/``--info`` with ``-m`` (which Hydra refuses
+    with a traceback) -> a clear message (SystemExit 2)."""
     from featsweep.search import params_as_overrides
 
     argv = params_as_overrides(argv)  # hydra.sweeper.params.K=interval(...) -> K=interval(...)
