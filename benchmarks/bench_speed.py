@@ -19,7 +19,14 @@ synchronize, at the end of warm-up step W and of step W + steps):
             no blur / box 3 / 5 / 7) with lr 0.01 x (1, 0.5, 2)[i % 3] and seed i
   floor     the bare minimum at each B (1 and --batches): forward to the target layer (a forward
             hook that raises stops the network there) + gradient of the channel mean w.r.t. the
-            input; no featsweep code beyond building the network
+            input, NCHW (contiguous); no featsweep code beyond building the network
+  floor_cl  the same floor in channels-last (network weights and input)
+  compiled  featsweep batched with engine.compile=true (torch.compile of the whole step,
+            fullgraph) at each B
+  graphs    CUDA only: featsweep batched with engine.cuda_graphs=true (the compiled step captured
+            as a CUDA graph and replayed) at each B
+  bf16      CUDA only: featsweep batched with precision=bf16 at each B; reports the mean |change|
+            of the final activations against the fp32 batched run (same jobs, same seeds)
   lucent_fft  Lucent's defaults: `param.image(size)` (FFT, decorrelated, sigmoid) with
             `transform.standard_transforms` (pad 12, jitter 8, scale, rotate, jitter 4), Adam lr
             0.05, fixed_image_size=size, B = 1 (Lucent 0.1.8 calls kornia's pre-0.5 top-level
@@ -86,6 +93,8 @@ NOTES_RUNS = [
 ]
 LR_FACTORS = (1.0, 0.5, 2.0)
 
+METHODS = ("notes", "lucent", "featsweep", "batched", "floor", "floor_cl", "lucent_fft", "fft",
+           "compiled", "graphs", "bf16")
 QUICK = {"model": "tiny", "weights": "random", "layer": "block3", "size": 32, "steps": 3,
          "warmup": 2, "batches": "4", "channel": 3, "threads": 1}
 
@@ -298,9 +307,20 @@ LUCENT_DEFAULTS = {"param": {"kind": "fft", "decay": 1.0, "decorrelate": True, "
 
 
 def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, log_every: int,
+                 fft: bool = False, engine: dict | None = None, precision: str | None = None,
+                 ) -> dict:
+    cfg = _base_config(args, i, batched, total, log_every, fft)
+    if engine:
+        cfg["engine"] = dict(engine)
+    if precision:
+        cfg["precision"] = precision
+    return cfg
+
+
+def _base_config(args: argparse.Namespace, i: int, batched: bool, total: int, log_every: int,
                  fft: bool = False) -> dict:
     if fft:
-        cfg = _spec_config(args, i, batched, total, log_every)
+        cfg = _base_config(args, i, batched, total, log_every)
         cfg.update(copy.deepcopy(LUCENT_DEFAULTS))
         cfg["optimizer"] = {"name": "adam", "lr": 0.05, "momentum": 0.0, "nesterov": False,
                             "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}
@@ -330,9 +350,10 @@ def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, lo
 
 
 def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: Clock,
-                   total: int, fft: bool = False) -> dict:
+                   total: int, fft: bool = False, engine: dict | None = None,
+                   precision: str | None = None) -> dict:
     log_every = math.gcd(clock.warmup, clock.steps)
-    specs = [from_config(_spec_config(args, i, batched, total, log_every, fft))
+    specs = [from_config(_spec_config(args, i, batched, total, log_every, fft, engine, precision))
              for i in range(batch)]
     pattern = re.compile(r" step (\d+)/")
 
@@ -346,6 +367,8 @@ def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: C
     acts = [o.activation for o in outcomes if o.activation is not None]
     return {"statuses": status, "log_every": log_every,
             "final_activation_mean": (sum(acts) / len(acts)) if acts else None,
+            "final_activations": [o.activation for o in outcomes],
+            "engine": {k: outcomes[0].info.get(k) for k in ("memory_format", "truncation")},
             "settings": ("Lucent's defaults (fft, decorrelate, sigmoid, standard transforms, "
                          "Adam 0.05)" if fft else
                          "notes' image005 (SGD 0.9, wd 1e-5, box 3, post)" if not batched else
@@ -353,8 +376,10 @@ def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: C
 
 
 def floor_loop(net: nn.Module, layer: str, channel: int, batch: int, size: int,
-               device: torch.device, clock: Clock, total: int, precision: str) -> None:
-    """Forward to `layer` (a hook raises) + input gradient of the channel means. Nothing else."""
+               device: torch.device, clock: Clock, total: int, precision: str,
+               channels_last: bool = False) -> None:
+    """Forward to `layer` (a hook raises) + input gradient of the channel means. Nothing else.
+    `net` must already be in the layout `channels_last` asks for."""
     store: dict[str, torch.Tensor] = {}
 
     def stop(mod: nn.Module, inp: object, out: torch.Tensor) -> None:
@@ -365,7 +390,7 @@ def floor_loop(net: nn.Module, layer: str, channel: int, batch: int, size: int,
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     x0 = ((torch.rand(batch, 3, size, size) - mean) / std).to(device)
-    if device.type == "cuda":
+    if channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=precision == "bf16" and device.type == "cuda")
@@ -454,8 +479,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relu", default="post", choices=("post", "notes"),
                    help="batched targets: all post-ReLU (like the floor), or the notes' mix of "
                         "post (runs 1-5) and pre (6-12; the layer must end in a ReLU)")
-    p.add_argument("--methods", default="notes,lucent,featsweep,batched,floor,lucent_fft,fft",
-                   help="subset of notes,lucent,featsweep,batched,floor,lucent_fft,fft")
+    p.add_argument("--methods", default="notes,lucent,featsweep,batched,floor,floor_cl,lucent_fft,fft",
+                   help="subset of " + ",".join(METHODS) + " (compiled: slow to compile on a CPU; "
+                        "graphs, bf16: CUDA only)")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the whole run (default: torch's own)")
     p.add_argument("--quick", action="store_true",
@@ -477,8 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = args.size or info.default_size
     args.batches = [int(b) for b in (args.batches or "12,64").split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(args.methods) - {"notes", "lucent", "featsweep", "batched", "floor",
-                                   "lucent_fft", "fft"}
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown --methods {sorted(unknown)}")
     return args
@@ -513,21 +538,33 @@ def report(meta: dict, rows: list[Row]) -> tuple[str, dict]:
         f"Allocator: {meta['allocator']}." + (f" {meta['cudnn']}" if meta["cudnn"] else ""),
         f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}.",
         "",
-        "| method | B | ms / image-step | speed-up vs Lucent | × floor (same B) | page faults / step |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | B | ms / image-step | speed-up vs Lucent | × NCHW floor (same B) | × channels-last floor | page faults / step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         floor = ok.get(("floor", r.batch))
+        floor_cl = ok.get(("floor_cl", r.batch))
         if r.error:
-            lines.append(f"| {r.label} | {r.batch} | failed: {r.error} | — | — | — |")
+            lines.append(f"| {r.label} | {r.batch} | failed: {r.error} | — | — | — | — |")
             continue
         ms = r.ms_per_image_step
         ref = ok.get(("lucent_fft", 1)) if r.method in ("fft", "lucent_fft") else lucent
         vs_l = f"{ref / ms:.2f}×" if ref and ms else "—"
         vs_f = f"{ms / floor:.2f}" if floor and ms else "—"
+        vs_cl = f"{ms / floor_cl:.2f}" if floor_cl and ms else "—"
         pf = r.minor_faults_per_step
         pf_s = "—" if pf is None else f"{pf:,.0f}"
-        lines.append(f"| {r.label} | {r.batch} | {fmt(ms)} | {vs_l} | {vs_f} | {pf_s} |")
+        lines.append(f"| {r.label} | {r.batch} | {fmt(ms)} | {vs_l} | {vs_f} | {vs_cl} | {pf_s} |")
+    fp32 = {r.batch: r.detail.get("final_activations") for r in rows if r.method == "batched"}
+    for r in rows:
+        if r.method == "bf16" and fp32.get(r.batch) and r.detail.get("final_activations"):
+            pairs = [(a, b) for a, b in zip(fp32[r.batch], r.detail["final_activations"])
+                     if a is not None and b is not None]
+            if pairs:
+                diff = sum(abs(a - b) for a, b in pairs) / len(pairs)
+                scale = sum(abs(a) for a, _ in pairs) / len(pairs)
+                lines.append(f"- bf16 vs fp32 final activations at B={r.batch}: mean |Δ| "
+                             f"{diff:.4g} (mean |activation| {scale:.4g}, {len(pairs)} jobs)")
     lines.append("")
     lines.append("Speed-up of the fft rows is against Lucent's defaults (lucent_fft), of the others "
                  "against Lucent's pixel run.")
@@ -596,17 +633,23 @@ def main(argv: list[str] | None = None) -> int:
         net = copy.deepcopy(base).to(device)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
-    cl = device.type == "cuda"
     rows: list[Row] = []
     W, N = args.warmup, args.steps
-    floor_net = net_copy(cl) if "floor" in args.methods else None
+    floor_net = net_copy(False) if "floor" in args.methods else None
+    floor_cl_net = net_copy(True) if "floor_cl" in args.methods else None
 
     def floor_row(b: int) -> None:
         if "floor" in args.methods:
             rows.append(run_method(
-                Row("floor", "floor: truncated fwd + input grad", b),
+                Row("floor", "floor: truncated fwd + input grad (NCHW)", b),
                 lambda c, n: floor_loop(floor_net, args.layer, args.channel, b, args.size, device,
                                         c, n, args.precision), device, W, N))
+        if "floor_cl" in args.methods:
+            rows.append(run_method(
+                Row("floor_cl", "floor, channels-last", b),
+                lambda c, n: floor_loop(floor_cl_net, args.layer, args.channel, b, args.size,
+                                        device, c, n, args.precision, channels_last=True),
+                device, W, N))
 
     floor_row(1)
     if "notes" in args.methods:
@@ -629,6 +672,21 @@ def main(argv: list[str] | None = None) -> int:
         if "batched" in args.methods:
             rows.append(run_method(Row("batched", "featsweep run_batch, batched (per-image hp)", b),
                                    lambda c, n, b=b: featsweep_loop(args, b, True, c, n),
+                                   device, W, N))
+        if "compiled" in args.methods:
+            rows.append(run_method(Row("compiled", "featsweep batched, engine.compile=true", b),
+                                   lambda c, n, b=b: featsweep_loop(args, b, True, c, n,
+                                                                    engine={"compile": True}),
+                                   device, W, N))
+        if "graphs" in args.methods and device.type == "cuda":
+            rows.append(run_method(Row("graphs", "featsweep batched, engine.cuda_graphs=true", b),
+                                   lambda c, n, b=b: featsweep_loop(args, b, True, c, n,
+                                                                    engine={"cuda_graphs": True}),
+                                   device, W, N))
+        if "bf16" in args.methods and device.type == "cuda":
+            rows.append(run_method(Row("bf16", "featsweep batched, precision=bf16", b),
+                                   lambda c, n, b=b: featsweep_loop(args, b, True, c, n,
+                                                                    precision="bf16"),
                                    device, W, N))
         if "fft" in args.methods:
             rows.append(run_method(Row("fft", "featsweep batched, fft + standard transforms", b),
