@@ -255,19 +255,25 @@ def _import_lucent(device: torch.device):  # noqa: ANN202
     return lucent, objectives, param, render
 
 
-def lucent_loop(net: nn.Module, layer: str, channel: int, size: int, device: torch.device,
-                clock: Clock, total: int) -> dict:
-    _, objectives, param, render = _import_lucent(device)
+def _timed_objective(objectives: types.ModuleType, layer: str, channel: int,
+                     clock: Clock) -> Callable:
+    """Lucent's channel objective that also reads the clock: it is called once per step, right
+    after that step's forward, so calls W and W+steps are `steps` apart."""
     base = objectives.channel(layer.replace(".", "_"), channel)
     calls = [0]
 
     def timed(hook: Callable) -> torch.Tensor:
-        # Called once per step, right after that step's forward: calls W+1 and W+steps+1 would
-        # need an extra step, so read the clock at calls W and W+steps (same distance: `steps`).
         calls[0] += 1
         clock.tick(calls[0])
         return base(hook)
 
+    return timed
+
+
+def lucent_loop(net: nn.Module, layer: str, channel: int, size: int, device: torch.device,
+                clock: Clock, total: int) -> dict:
+    _, objectives, param, render = _import_lucent(device)
+    timed = _timed_objective(objectives, layer, channel, clock)
     render.render_vis(net, timed, param_f=lambda: param.image(size, fft=False, decorrelate=False),
                       transforms=[], thresholds=(total,), show_image=False, progress=False,
                       fixed_image_size=size)
@@ -284,14 +290,7 @@ def lucent_fft_loop(net: nn.Module, layer: str, channel: int, size: int, device:
     _, objectives, param, render = _import_lucent(device)
     from lucent.optvis import transform
 
-    base = objectives.channel(layer.replace(".", "_"), channel)
-    calls = [0]
-
-    def timed(hook: Callable) -> torch.Tensor:
-        calls[0] += 1
-        clock.tick(calls[0])
-        return base(hook)
-
+    timed = _timed_objective(objectives, layer, channel, clock)
     render.render_vis(net, timed, param_f=lambda: param.image(size),
                       transforms=transform.standard_transforms, thresholds=(total,),
                       show_image=False, progress=False, fixed_image_size=size)

@@ -35,17 +35,23 @@ def test_quick_bench_prints_every_method(tmp_path: Path) -> None:
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[1].isdigit():
+        if len(cells) == 7 and cells[1].isdigit():
             rows[(cells[0], int(cells[1]))] = cells
-    expected = [("floor: truncated fwd + input grad", 1),
+    expected = [("floor: truncated fwd + input grad (NCHW)", 1),
+                ("floor, channels-last", 1),
+                ("Lucent render_vis defaults (fft + standard transforms)", 1),
+                ("featsweep batched, fft + standard transforms", 4),
                 ("notes' loop (full fwd, cv2 blur, opt rebuilt)", 1),
                 ("Lucent render_vis (pixel param, no transforms)", 1),
                 ("featsweep run_batch, B=1", 1),
                 ("featsweep run_batch, batched (per-image hp)", 4),
-                ("floor: truncated fwd + input grad", 4)]
+                ("floor: truncated fwd + input grad (NCHW)", 4),
+                ("floor, channels-last", 4)]
     assert [k for k in expected if k not in rows] == [], table + proc.stderr
     for key in expected:
         cells = rows[key]
+        ratio_cl = _number(cells[5])
+        assert math.isfinite(ratio_cl) and ratio_cl > 0, cells
         if key[0].startswith("Lucent") and not has_lucent:
             assert cells[2].startswith("failed"), cells  # reported, not silently dropped
             continue
@@ -61,4 +67,6 @@ def test_quick_bench_prints_every_method(tmp_path: Path) -> None:
     assert "featsweep batched (one B=12 batch): not measured" in table  # --quick runs B=4 only
     data = json.loads(out_json.read_text())
     assert data["meta"]["model"] == "tiny" and data["meta"]["torch"]
-    assert {r["method"] for r in data["rows"]} == {"floor", "notes", "lucent", "featsweep", "batched"}
+    assert {r["method"] for r in data["rows"]} == {"floor", "floor_cl", "notes", "lucent",
+                                                   "featsweep", "batched", "lucent_fft", "fft"}
+    assert "fft + standard transforms / pixel path (batched) at B=4" in table

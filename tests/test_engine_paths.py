@@ -6,7 +6,6 @@ pitfall), so equality is checked over a few steps only.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -16,29 +15,21 @@ import torch
 from featsweep.engine import make_reader, run_batch
 from featsweep.graph import GraphReader, graph_reader
 from featsweep.models import build_model
-from featsweep.spec import RunSpec, from_config
+from featsweep.spec import RunSpec
 from featsweep.targets import LayerReader, probe_layers
+
+from _specs import make_spec, tiny_config
+
+
+BASE = tiny_config(
+    optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+               "betas": [0.9, 0.999], "eps": 1e-8},
+    blur={"kind": "box", "k": 3, "sigma": None, "every": 1},
+    image={"size": 32, "space": "normalized"})
 
 
 def spec(**changes: Any) -> RunSpec:
-    cfg: dict[str, Any] = {
-        "model": {"name": "tiny", "weights": "random"},
-        "target": {"layer": "block3", "channel": 12, "relu": "post"},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
-                      "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8},
-        "regularizer": {"clamp": True, "clamp_range": [0.0, 1.0], "clamp_space": None},
-        "blur": {"kind": "box", "k": 3, "sigma": None, "every": 1},
-        "image": {"size": 32, "space": "normalized"},
-        "steps": 5, "seed": 0, "device": "cpu", "log_every": 100,
-    }
-    cfg = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_config(cfg)
+    return make_spec(BASE, **changes)
 
 
 def run(*specs: RunSpec) -> list:

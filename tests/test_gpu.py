@@ -6,7 +6,6 @@ results are compared over a few steps only (DESIGN's chaos pitfall).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -14,31 +13,24 @@ import pytest
 import torch
 
 from featsweep.engine import run_batch
-from featsweep.spec import RunSpec, from_config
+from featsweep.spec import RunSpec
+
+from _specs import make_spec, tiny_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+BASE = tiny_config(
+    target={"layer": "block3", "channel": 12, "relu": "pre"},
+    optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+               "betas": [0.9, 0.999], "eps": 1e-8},
+    blur={"kind": "box", "k": 3, "sigma": None, "every": 1},
+    image={"size": 64, "space": "normalized"}, steps=3, device="cuda")
+
+
 def spec(**changes: Any) -> RunSpec:
-    cfg: dict[str, Any] = {
-        "model": {"name": "tiny", "weights": "random"},
-        "target": {"layer": "block3", "channel": 12, "relu": "pre"},
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
-                      "weight_decay": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8},
-        "regularizer": {"clamp": True, "clamp_range": [0.0, 1.0], "clamp_space": None},
-        "blur": {"kind": "box", "k": 3, "sigma": None, "every": 1},
-        "image": {"size": 64, "space": "normalized"},
-        "steps": 3, "seed": 0, "device": "cuda", "log_every": 100,
-    }
-    cfg = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_config(cfg)
+    return make_spec(BASE, **changes)
 
 
 FFT = {"param.kind": "fft", "param.decorrelate": True, "param.squash": "sigmoid",

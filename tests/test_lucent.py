@@ -7,7 +7,6 @@ agree to 1e-5; over 200 steps only their distributions over seeds can be compare
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,9 @@ from featsweep.engine import run_batch  # noqa: E402
 from featsweep.metrics import image_stats  # noqa: E402
 from featsweep.models import build_model  # noqa: E402
 from featsweep.param import ImageParams, initial_params  # noqa: E402
-from featsweep.spec import RunSpec, from_config, model_info  # noqa: E402
+from featsweep.spec import RunSpec, model_info  # noqa: E402
+
+from _specs import make_spec  # noqa: E402
 
 LUCENT_FFT = {"param.kind": "fft", "param.decorrelate": True, "param.squash": "sigmoid",
               "optimizer.name": "adam", "optimizer.lr": 0.05, "blur.kind": "none",
@@ -41,14 +42,7 @@ def spec(model: str = "tiny", layer: str = "block3", size: int = 32, **changes: 
         "image": {"size": size, "space": "pixel"},
         "steps": 5, "seed": 0, "device": "cpu", "log_every": 1000,
     }
-    cfg = copy.deepcopy(cfg)
-    for key, value in {**LUCENT_FFT, **changes}.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_config(cfg)
+    return make_spec(cfg, **{**LUCENT_FFT, **changes})
 
 
 def lucent_image(init: torch.Tensor, size: int, decay: float = 1.0,

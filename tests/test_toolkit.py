@@ -8,7 +8,6 @@ where rounding has not grown), diversity, blur inside the forward, and the dead-
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -28,28 +27,17 @@ from featsweep.redirect import redirected_relu, redirecting
 from featsweep.spec import RunSpec, from_config
 from featsweep.targets import LayerReader, probe_layers
 
+from _specs import make_spec, tiny_config
+
 SIZE = 32
 
 
+BASE = tiny_config(optimizer={"name": "adam", "lr": 0.05, "momentum": 0.0, "nesterov": False,
+                                "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8})
+
+
 def spec(**changes: Any) -> RunSpec:
-    cfg: dict[str, Any] = {
-        "model": {"name": "tiny", "weights": "random"},
-        "target": {"layer": "block3", "channel": 12, "relu": "post"},
-        "optimizer": {"name": "adam", "lr": 0.05, "momentum": 0.0, "nesterov": False,
-                      "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8},
-        "regularizer": {"clamp": True, "clamp_range": [0.0, 1.0], "clamp_space": None},
-        "blur": {"kind": "none", "k": 1, "sigma": None, "every": 1},
-        "image": {"size": SIZE, "space": "pixel"},
-        "steps": 5, "seed": 0, "device": "cpu", "log_every": 100,
-    }
-    cfg = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_config(cfg)
+    return make_spec(BASE, **changes)
 
 
 def run(*specs: RunSpec, **kwargs: Any) -> list[JobOutcome]:

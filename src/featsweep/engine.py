@@ -121,7 +121,7 @@ def _probe_size(spec: RunSpec) -> int:
 def load_network(spec: RunSpec, device: torch.device) -> tuple[nn.Module, list]:
     """The frozen model on `device` and its probed layers; cached for the life of the process
     (a sweep pays model start-up once)."""
-    key = (spec.model, str(device))
+    key = (spec.model.identity(), str(device))
     if key not in _MODELS:
         model = build_model(spec.model).to(device)
         _MODELS.clear()  # one network at a time: a sweep is grouped by model
@@ -161,7 +161,7 @@ _PRE_OK: set[tuple] = set()
 def _check_pre_relu(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
     """A pre-ReLU target exists only where the layer ends in a ReLU: one truncated forward at the
     probe size finds out (ConfigError otherwise), once per model and layer."""
-    key = (spec.model, str(device), spec.target.layer)
+    key = (spec.model.identity(), str(device), spec.target.layer)
     if key in _PRE_OK:
         return
     channels = model_info(spec.model).in_channels
@@ -183,7 +183,7 @@ def layer_shape(spec: RunSpec, model: nn.Module, layers: list, device: torch.dev
     """(C, h, w) of the target layer's output for this job's input size (+ 2 pad): one truncated
     forward of a zero image, cached per model, size and layer."""
     size = spec.image.size + 2 * pad
-    key = (spec.model, str(device), size, spec.target.layer, spec.target.relu)
+    key = (spec.model.identity(), str(device), size, spec.target.layer, spec.target.relu)
     if key not in _LAYER_SIZES:
         channels = model_info(spec.model).in_channels
         reader = LayerReader(model, [(spec.target.layer, spec.target.relu)], [i.name for i in layers])
