@@ -476,3 +476,23 @@ class TestSweep:
             assert (s.optimizer.name, s.optimizer.lr, s.steps, s.image.size) == ("adam", 0.05, 512, 128)
         else:
             assert s.image.size == 96 and s.optimizer.name == "adam"
+
+
+class TestDiversitySweep:
+    @pytest.mark.slow
+    def test_a_diversity_group_runs_as_one_batch(self, tmp_path: Any) -> None:
+        """3 jobs of one group with hydra.launcher.max_batch=2: still one batch of 3; a group of
+        one job is refused before anything runs."""
+        from _cli import run_module
+
+        common = ["model=tiny", "image.size=32", "steps=2", "device=cpu", "target.channel=12",
+                  "target.diversity=10", "target.diversity_group=a"]
+        proc = run_module("featsweep", "-m", "seed=0,1,2", "hydra.launcher.max_batch=2", *common,
+                          f"hydra.sweep.dir={tmp_path / 'three'}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Batched 3 jobs into 1 batch" in proc.stdout + proc.stderr
+        alone = run_module("featsweep", "-m", "seed=0", *common,
+                           f"hydra.sweep.dir={tmp_path / 'one'}", cwd=tmp_path)
+        assert alone.returncode != 0
+        assert "target.diversity_group='a': only one job (#0)" in alone.stderr
+        assert not (tmp_path / "one" / "0" / "result.json").exists()

@@ -130,9 +130,12 @@ def load_network(spec: RunSpec, device: torch.device) -> tuple[nn.Module, list]:
     return _MODELS[key]
 
 
-def validate(specs: Sequence[RunSpec]) -> None:
-    """Every check that needs the model, before any optimization: raises ConfigError."""
-    check_batch_groups(specs)
+def validate(specs: Sequence[RunSpec], *, groups: bool = True) -> None:
+    """Every check that needs the model, before any optimization: raises ConfigError.
+    `groups`: also the rules across `specs` (a diversity group needs its jobs together); a
+    launcher checking job by job checks those once over the whole sweep instead."""
+    if groups:
+        check_batch_groups(specs)
     for spec in specs:
         device = resolve_device(spec.device)
         if spec.precision == "bf16" and device.type != "cuda":

@@ -266,6 +266,10 @@ def _prepare(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[list[_Job]]:
         job.digest = config_hash(job.config)
     if problems:
         raise _problem_report(problems)
+    from featsweep.spec import check_batch_groups
+
+    # Rules across jobs (a diversity group of one, or one that mixes models or layers).
+    check_batch_groups([job.spec for job in jobs], [f"#{job.idx}" for job in jobs])
     for job in jobs:
         job.verdict = Verdict("missing")
     if resume:
@@ -281,7 +285,7 @@ def _prepare(launcher: "BatchedLauncher", jobs: list[_Job]) -> list[list[_Job]]:
             try:
                 if launcher.backend == "local":
                     check_batch([_checkable(launcher, job)])
-                validate([_checkable(launcher, job)])
+                validate([_checkable(launcher, job)], groups=False)
             except UserError as exc:
                 problems.append((str(exc), job))
     if problems:
