@@ -23,6 +23,7 @@ import pytest
 from _cli import run_module
 
 SMALL = ["model=tiny", "device=cpu", "image.size=32", "steps=2"]
+VEC3 = Path(__file__).resolve().parent / "_vec3.npy"  # a 3-vector: the wrong length for block3
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,28 @@ ROWS = {
                                                       "model.mean=[0.5,0.5,0.5]",
                                                       "model.std=[0.5,0.5,0.5]", "target.layer=x"),
                                               "model._target_='nopkg.net': cannot import it"),
+    # --- the app: the toolkit's keys (parameterizations, transforms, penalties, objectives)
+    "unknown key (typo, + included)": Row("app", ("+optimzer.lr=0.1",),
+                                          "unknown config key optimzer.lr=0.1: featsweep does "
+                                          "not read it"),
+    "fft in normalized space": Row("app", ("param=fft", "image.space=normalized"),
+                                   "image.space='normalized': param=fft builds the image in "
+                                   "pixel space"),
+    "jitter not smaller than the image": Row("app", ("transform.jitter=32",),
+                                             "transform.jitter=32: the shift must be smaller "
+                                             "than image.size (32)"),
+    "empty rotate list": Row("app", ("transform.rotate=[]",),
+                             "transform.rotate=[]: must list at least one value"),
+    "negative tv weight": Row("app", ("regularizer.tv=-0.1",), "regularizer.tv=-0.1: must be >= 0"),
+    "unknown param option (Hydra)": Row("app", ("param=fourier",),
+                                        "Could not find 'param/fourier'"),
+    "direction of the wrong length": Row("app", ("target.kind=direction",
+                                                 f"target.direction={VEC3}"),
+                                         "has 64 channels: give a (64,) vector"),
+    "neuron outside the layer": Row("app", ("target.kind=neuron", "target.x=99"),
+                                    "target.x=99: layer block3 is 8×8"),
+    "diversity group of one job": Row("sweep", ("target.diversity=1", "target.diversity_group=a"),
+                                      "target.diversity_group='a': only one job (#0)"),
     # --- the app: checks that need the model
     "unknown layer": Row("app", ("target.layer=nope",),
                          "target.layer='nope': tiny has no such layer"),
@@ -130,7 +153,7 @@ ROWS = {
     "cuda absent": Row("app", ("device=cuda",), "device='cuda': no CUDA device is visible"),
     # --- the launcher (-m)
     "bad channel in one job of a sweep": Row("sweep", ("target.channel=0,999",),
-                                             "target.channel=999): featsweep: bad config value "
+                                             "target.channel=999): bad config value "
                                              "target.channel=999: layer block3 has 64 channels"),
     "max_batch zero": Row("sweep", ("hydra.launcher.max_batch=0",),
                           "hydra.launcher.max_batch=0: must be an integer >= 1"),
@@ -186,6 +209,7 @@ def test_the_table_is_big_enough() -> None:
 # Rows that load torch and a model, or need a finished sweep, take seconds each: marked slow.
 FAST_DOORS = ("app",)
 NEEDS_MODEL = ("unknown layer", "channel out of range", "cuda absent", "weights file missing",
+               "direction of the wrong length", "neuron outside the layer",
                "unknown torchvision arch", "custom target that does not import")
 
 
