@@ -90,6 +90,7 @@ class _Job:
     state: dict | None = None  # the saved state passed back to the engine
     batch: "list[_Job] | None" = None  # the engine batch it ran in (itself included)
     status: str | None = None  # the status written into its result.json
+    out: Path | None = None  # its job directory (computed once: see _job_dir)
 
 
 def check_settings(launcher: "BatchedLauncher") -> None:
@@ -312,7 +313,7 @@ def _resume(launcher: "BatchedLauncher", jobs: list[_Job]) -> None:
     from featsweep.sweepdir import arrange, config_diff, old_config
 
     sweep = Path(_sweep_dir(launcher))
-    dirs = {job.idx: _output_dir(job.config) for job in jobs}
+    dirs = {job.idx: _job_dir(job) for job in jobs}
     if all(d.parent == sweep for d in dirs.values()):
         moved = arrange(sweep, [(dirs[j.idx].name, str(j.digest)) for j in jobs])
         if moved:
@@ -409,6 +410,13 @@ def _fit_memory(batches: list[list[_Job]]) -> list[list[_Job]]:
     return out
 
 
+def _job_dir(job: _Job) -> Path:
+    """The job's directory, resolved once per job (resolving it swaps Hydra's config in)."""
+    if job.out is None:
+        job.out = _output_dir(job.config)
+    return job.out
+
+
 def _output_dir(config: DictConfig) -> Path:
     """The job directory run_job will use for `config` (hydra.sweep.dir / hydra.sweep.subdir)."""
     instance = HydraConfig.instance()
@@ -428,7 +436,7 @@ def _done_return(job: _Job) -> JobReturn:
     instance = HydraConfig.instance()
     orig = instance.cfg
     try:
-        out = _output_dir(config)
+        out = _job_dir(job)
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = str(out)
         instance.set_config(config)
@@ -492,12 +500,12 @@ def _run_batch(launcher: "BatchedLauncher", jobs: list[_Job],
     ready = [job for job in jobs if job.error is None]
     for job in ready:
         if job.role == "state":
-            job.state = read_state(_output_dir(job.config))
+            job.state = read_state(_job_dir(job))
             if job.state is None:  # unreadable: start again from step 0
                 job.role = "run"
     for job in ready:  # a rerun never leaves an old result.json beside new work
         if job.role != "companion":
-            clear_job(_output_dir(job.config))
+            clear_job(_job_dir(job))
     if ready:
         _optimize(ready, should_stop)
     returns = []
@@ -758,7 +766,7 @@ class GroupTask:
                 try:
                     job.spec = from_config(job.config)
                     job.digest = config_hash(job.config)
-                    job.verdict = judge(_output_dir(job.config), job.digest,
+                    job.verdict = judge(_job_dir(job), job.digest,
                                         any_version(job.config))
                     job.role = {"done": "companion", "resumable": "state"}.get(
                         job.verdict.kind, "run")
