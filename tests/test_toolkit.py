@@ -491,8 +491,26 @@ class TestDiversitySweep:
                           f"hydra.sweep.dir={tmp_path / 'three'}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "Batched 3 jobs into 1 batch" in proc.stdout + proc.stderr
+        report = run_module("featsweep.analysis", str(tmp_path / "three"), cwd=tmp_path)
+        assert report.returncode == 0, report.stderr[-3000:]
+        text = (tmp_path / "three" / "analysis" / "report.md").read_text()
+        assert "`a`: 3 job(s), weight 10, batch size 3" in text
         alone = run_module("featsweep", "-m", "seed=0", *common,
                            f"hydra.sweep.dir={tmp_path / 'one'}", cwd=tmp_path)
         assert alone.returncode != 0
         assert "target.diversity_group='a': only one job (#0)" in alone.stderr
         assert not (tmp_path / "one" / "0" / "result.json").exists()
+
+
+def test_report_names_diversity_groups(tmp_path: Any) -> None:
+    """The analysis report says which jobs formed a diversity group and that it ran as one batch."""
+    import pandas as pd
+
+    from featsweep.analysis.report import _diversity_lines
+
+    df = pd.DataFrame({"target.diversity_group": ["a", "a", "a", None],
+                       "target.diversity": [10.0, 10.0, 10.0, 0.0],
+                       "result.batch_size": [4, 4, 4, 4]})
+    (line, _) = _diversity_lines(df)
+    assert "`a`: 3 job(s), weight 10, batch size 4" in line and "one batch" in line
+    assert _diversity_lines(df.iloc[3:]) == []
