@@ -309,8 +309,7 @@ def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, lo
                  fft: bool = False, engine: dict | None = None, precision: str | None = None,
                  ) -> dict:
     cfg = _base_config(args, i, batched, total, log_every, fft)
-    if engine:
-        cfg["engine"] = dict(engine)
+    cfg["engine"] = {"memory_format": args.memory_format, **(engine or {})}
     if precision:
         cfg["precision"] = precision
     return cfg
@@ -481,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="notes,lucent,featsweep,batched,floor,floor_cl,lucent_fft,fft",
                    help="subset of " + ",".join(METHODS) + " (compiled: slow to compile on a CPU; "
                         "graphs, bf16: CUDA only)")
+    p.add_argument("--memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
+                   help="featsweep rows' engine.memory_format (default auto = channels-last)")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the whole run (default: torch's own)")
     p.add_argument("--quick", action="store_true",
