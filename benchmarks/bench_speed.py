@@ -224,7 +224,7 @@ def _import_lucent(device: torch.device):  # noqa: ANN202
     which progress=False disables). Where absent, they are stubbed with no-op modules.
     """
     try:
-        import IPython.display  # noqa: F401
+        import IPython.display  # noqa: F401  (only whether it imports)
     except ImportError:
         ipython = types.ModuleType("IPython")
         display = types.ModuleType("IPython.display")

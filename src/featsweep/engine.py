@@ -309,6 +309,7 @@ class _LoopState:
     alive: torch.Tensor  # (B,) bool: not diverged
     diverged_at: torch.Tensor  # (B,) long: step of divergence, -1 = none
     before_blur: list  # per parameter group, the images before their last blur
+    redirect: bool = False  # this step, some image uses the redirected ReLU gradient
 
 
 def compiled_step(step: Callable, spec: RunSpec, device: torch.device,
@@ -500,7 +501,9 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         if forward_blur_on is not None:
             seen = torch.where(forward_blur_on, blur_batch(images, kernels), images)
         acts, grams = [], []
-        mask = redirect_until > t if with_grad and use_redirect else None
+        # Redirected gradients only while some image still asks for them (a Python flag set per
+        # step by the loop: the mode costs a dispatch per op; compile refuses redirect anyway).
+        mask = redirect_until > t if with_grad and loop.redirect else None
         for (sg, reader, objective, through, through_mask, whole), d in zip(forwards, draws):
             rows = None if whole else sg.rows_t
             x = direct if rows is None else direct[rows]
@@ -584,6 +587,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
             break
         draws = [transforms.draws(sg.rows, t) if sg.warped is not None else None
                  for sg, *_ in forwards]
+        loop.redirect = use_redirect and t < redirect_last
         act = run_step(t_now, draws)
         with torch.no_grad():
             if t % stride == 0:
