@@ -31,10 +31,11 @@ def cli(tmp_path: Path, *args: str, module: str = "featsweep", timeout: float = 
     return run_module(module, *args, cwd=tmp_path, timeout=timeout, env=full_env)
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    """Exit status 1, the fragments on stderr, and stderr is ONE paragraph: no traceback, no
+def assert_clean_error(proc: subprocess.CompletedProcess[str], *fragments: str,
+                       code: int = 1) -> None:
+    """Exit status `code` (1; featsweep.layers' usage errors: 2), the fragments on stderr, and stderr is ONE paragraph: no traceback, no
     Hydra wrapper ("Error executing job with overrides", the HYDRA_FULL_ERROR hint)."""
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == code, proc.stdout + proc.stderr
     for fragment in fragments:
         assert fragment in proc.stderr, f"{fragment!r} not in stderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
@@ -187,7 +188,7 @@ class TestLayersCommand:
     ])
     def test_bad_arguments(self, tmp_path: Path, args: list[str], fragment: str) -> None:
         proc = cli(tmp_path, *args, module="featsweep.layers")
-        assert_clean_error(proc, fragment)
+        assert_clean_error(proc, fragment, code=2)
 
 
 # ---------------------------------------------------------------- the default run (acceptance)
