@@ -218,3 +218,51 @@ def test_batched_task_requeues_itself_at_the_pre_timeout_signal(tmp_path: Path) 
         assert np.array_equal(np.load(sweep / str(i) / "image.npy"),
                               np.load(reference / str(i) / "image.npy"))
         assert not (sweep / str(i) / "state.pt").exists()
+
+
+@pytest.mark.slow
+def test_plain_submitit_job_requeues_and_continues_at_the_pre_timeout_signal(tmp_path: Path
+                                                                             ) -> None:
+    """Hydra's own submitit launcher (one job per task): featsweep's task handles USR2 the same
+    way: written as interrupted with its state, requeued, continued from that step, and equal
+    to an uninterrupted run of the job."""
+    import signal
+    import sys
+    import time
+
+    from _cli import cli_env
+
+    args = ["model=tiny", "device=cpu", "image.size=32", "optimizer=adam", "steps=800",
+            "log_every=50", "seed=0"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "featsweep", "-m", *args,
+                             "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any("step 150/800" in log.read_text()
+                  for log in sweep.glob(".submitit/*/*_log.out")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the task never got going"
+        time.sleep(0.2)
+    tasks = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # the task process (not its controller)
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmd and str(sweep) in cmd:
+            tasks.append(int(pid))
+    assert len(tasks) == 1, tasks
+    os.kill(tasks[0], signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))
+    assert "asking submitit to requeue this task" in logs and "Requeued job" in logs
+    assert "continues from its saved state (interrupted after" in logs
+    assert "continuing from step" in logs
+    reference = run_module("featsweep", *args, "hydra.run.dir=ref", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    got, want = read_result(sweep / "0"), read_result(tmp_path / "ref")
+    assert got is not None and want is not None
+    assert got["status"] == "ok" and got["steps"] == 800 and got["activation"] == want["activation"]
+    assert np.array_equal(np.load(sweep / "0" / "image.npy"), np.load(tmp_path / "ref" / "image.npy"))
