@@ -5,6 +5,7 @@ each time ends bit-identical to an uninterrupted run, every job ok exactly once
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ def load_chaos():  # -> the benchmarks/chaos.py module
     spec = importlib.util.spec_from_file_location("featsweep_chaos", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
     spec.loader.exec_module(module)
     return module
 
