@@ -506,7 +506,7 @@ def test_report_names_diversity_groups(tmp_path: Any) -> None:
     """The analysis report says which jobs formed a diversity group and that it ran as one batch."""
     import pandas as pd
 
-    from featsweep.analysis.report import _diversity_lines
+    from featsweep.analysis.factors import diversity_summary as _diversity_lines
 
     df = pd.DataFrame({"target.diversity_group": ["a", "a", "a", None],
                        "target.diversity": [10.0, 10.0, 10.0, 0.0],

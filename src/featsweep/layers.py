@@ -44,6 +44,19 @@ def _compose(overrides: Sequence[str]):  # -> DictConfig
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
+        import difflib
+        from pathlib import Path
+
+        from hydra.errors import MissingConfigException
+
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("model=")]
+        if isinstance(exc, MissingConfigException) and chosen:
+            names = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+            close = difflib.get_close_matches(chosen[-1], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise config_error("model", chosen[-1], f"allowed values are {', '.join(names)}"
+                               f"{hint}; any torchvision classifier is model=torchvision "
+                               f"model.arch=NAME") from None
         raise UserError(f"featsweep.layers: {exc}\n{USAGE}") from None
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from featsweep.analysis.values import canon
 
-__all__ = ["factor_label", "fmt", "parse_overrides", "swept_factors"]
+__all__ = ["diversity_summary", "factor_label", "fmt", "parse_overrides", "swept_factors"]
 
 
 def fmt(value: Any) -> str:
@@ -71,3 +71,23 @@ def swept_factors(df: pd.DataFrame) -> dict[str, list[str]]:
 
 def factor_label(overrides: dict[str, str], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={overrides.get(k, '')}" for k in keys)
+
+
+def diversity_summary(df: pd.DataFrame) -> list[str]:
+    """Diversity groups couple their images (each is pushed away from the others), so they ran
+    as one batch each: say which, with their jobs' batch sizes."""
+    if "target.diversity_group" not in df:
+        return []
+    named = df[df["target.diversity_group"].notna() & (df["target.diversity_group"] != "")]
+    if named.empty:
+        return []
+    parts = []
+    for name, jobs in named.groupby("target.diversity_group", sort=True):
+        sizes = sorted({int(b) for b in pd.to_numeric(jobs.get("result.batch_size"),
+                                                       errors="coerce").dropna()})
+        weight = ", ".join(sorted({fmt(w) for w in jobs.get("target.diversity", [])}))
+        parts.append(f"`{name}`: {len(jobs)} job(s), weight {weight}, batch size "
+                     f"{'/'.join(map(str, sizes)) or '?'}")
+    return ["Diversity groups (target.diversity_group; each group's images are optimized "
+            "jointly, pushed apart, and always run as one batch, so their results depend on each "
+            "other by design): " + "; ".join(parts) + ".", ""]

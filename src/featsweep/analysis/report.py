@@ -34,7 +34,8 @@ from featsweep.analysis.claims import (
 )
 from featsweep.analysis.collect import TRACE_COLUMNS, CollectError, collect
 from featsweep.analysis.columns import config_columns
-from featsweep.analysis.factors import factor_label, fmt, parse_overrides, swept_factors
+from featsweep.analysis.factors import (diversity_summary, factor_label, fmt, parse_overrides,
+                                       swept_factors)
 from featsweep.analysis.figures import (
     activation_curves,
     atomic_bytes,
@@ -225,28 +226,8 @@ def _settings_section(df: pd.DataFrame) -> list[str]:
         lines += [f"Device(s): {', '.join(devices)}. Reported seconds per job: median "
                   f"{fmt(seconds.median())}, max {fmt(seconds.max())} (a batch's jobs share "
                   f"one time).", ""]
-    lines += _diversity_lines(df)
+    lines += diversity_summary(df)
     return lines
-
-
-def _diversity_lines(df: pd.DataFrame) -> list[str]:
-    """Diversity groups couple their images (each is pushed away from the others), so they ran
-    as one batch each: say which, with their jobs' batch sizes."""
-    if "target.diversity_group" not in df:
-        return []
-    named = df[df["target.diversity_group"].notna() & (df["target.diversity_group"] != "")]
-    if named.empty:
-        return []
-    parts = []
-    for name, jobs in named.groupby("target.diversity_group", sort=True):
-        sizes = sorted({int(b) for b in pd.to_numeric(jobs.get("result.batch_size"),
-                                                       errors="coerce").dropna()})
-        weight = ", ".join(sorted({fmt(w) for w in jobs.get("target.diversity", [])}))
-        parts.append(f"`{name}`: {len(jobs)} job(s), weight {weight}, batch size "
-                     f"{'/'.join(map(str, sizes)) or '?'}")
-    return ["Diversity groups (target.diversity_group; each group's images are optimized "
-            "jointly, pushed apart, and always run as one batch, so their results depend on each "
-            "other by design): " + "; ".join(parts) + ".", ""]
 
 
 def _status_section(df: pd.DataFrame) -> list[str]:
