@@ -136,7 +136,9 @@ class TestPenalties:
         np.testing.assert_allclose(penalties.tv(x), tv, rtol=1e-6)
 
     def test_blur_penalty_is_lucents(self) -> None:
-        from lucent.optvis.objectives import _torch_blur
+        lucent = pytest.importorskip("lucent.optvis.objectives",
+                                     reason="pip install --no-deps torch-lucent==0.1.8")
+        _torch_blur = lucent._torch_blur
 
         x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(penalties.blur3(x), _torch_blur(x), rtol=0, atol=1e-6)
