@@ -488,6 +488,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
          f"{f', continuing from step {start}' if start else ''})")
 
     use_redirect = any(redirect)
+    need_direct = any(not f[3] or f[4] is not None for f in forwards)
 
     def objective_values(tensors: Sequence[torch.Tensor], t: torch.Tensor, draws: list,
                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,7 +497,9 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         transform draws for this step (or None)."""
         need_pixels = penalties.any or any(f[3] for f in forwards)
         images = params.image(tensors) if need_pixels else None
-        direct = params.model_input(tensors)
+        # The untransformed model input only where some image of a forward uses it (an FFT
+        # image would otherwise be synthesized twice per step).
+        direct = params.model_input(tensors) if need_direct else None
         seen = images
         if forward_blur_on is not None:
             seen = torch.where(forward_blur_on, blur_batch(images, kernels), images)
@@ -506,7 +509,9 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         mask = redirect_until > t if with_grad and loop.redirect else None
         for (sg, reader, objective, through, through_mask, whole), d in zip(forwards, draws):
             rows = None if whole else sg.rows_t
-            x = direct if rows is None else direct[rows]
+            x = None
+            if direct is not None:
+                x = direct if rows is None else direct[rows]
             if through:
                 pix = seen if rows is None else seen[rows]
                 moved = (transforms.apply(sg, pix, 0, draws=d) - mean) / std
