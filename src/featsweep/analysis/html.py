@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from featsweep.analysis.columns import config_columns
+from featsweep.analysis.factors import fmt
 
 __all__ = ["REPORT_HTML", "THUMB_PX", "column_group", "write_html_report"]
 
@@ -84,16 +85,8 @@ def _missing(value: Any) -> bool:
 
 
 def _cell_text(value: Any) -> str:
-    """What a cell shows: numbers to 4 significant digits, booleans as true/false, '–' missing."""
-    if _missing(value):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.4g}"
-    return str(value)
+    """What a cell shows: the report's own cell format (``factors.fmt``), '–' when missing."""
+    return "–" if _missing(value) else fmt(value)
 
 
 def _sort_value(value: Any) -> str:
