@@ -76,7 +76,7 @@ def leaf_keys(cfg: Any, prefix: str = "") -> set[str]:
     return keys
 
 
-# The notes' twelve runs, written out from DESIGN.md's table (not read from conf/notes/).
+# The notes' twelve runs, written out from docs/notes.md's table (not read from conf/notes/).
 # (optimizer, momentum, weight decay, box blur k (1 = none), target.relu)
 NOTES = {
     "image001": ("sgd", 0.9, 0.0, 1, "post"),

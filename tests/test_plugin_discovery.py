@@ -3,8 +3,7 @@
 Hydra 1.3 discovers launchers by scanning the ``hydra_plugins`` namespace package; an install
 that hides the package behind an import hook (some PEP 660 editable installs), or a
 ``hydra_plugins/__init__.py`` that turns the namespace into a regular package, makes the plugin
-(or other plugins) silently disappear. See DESIGN.md, "Pitfall: Hydra plugin discovery and
-editable installs".
+(or other plugins) silently disappear. See docs/CONTRACTS.md, "Hydra plugin discovery".
 """
 
 from __future__ import annotations
