@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.singleton import Singleton
+from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-import featsweep
 from featsweep.spec import RunSpec, from_config
+
+from _hydra import CONF, featsweep_conf
 
 # Composing with version_base="1.3" changes Hydra global state that later tests (Hydra's own
 # launcher suites) must not see.
 pytestmark = pytest.mark.usefixtures("hydra_restore_singletons")
 
-CONF = Path(featsweep.__file__).resolve().parent / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
@@ -27,12 +25,8 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 def hydra_conf() -> Iterator[None]:
     # Restore Hydra's singletons (version base included) after the module, not only after each
     # test: the per-test restore would otherwise put back the state this fixture created.
-    state = Singleton.get_state()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            yield
-    finally:
-        Singleton.set_state(state)
+    with featsweep_conf():
+        yield
 
 
 def compose_cfg(*overrides: str, hydra: bool = False) -> DictConfig:

@@ -14,11 +14,10 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.singleton import Singleton
+from hydra import compose
 
-import featsweep
 import featsweep_testnets as nets
+from _hydra import SMALL_NET, TINY_VIT, featsweep_conf
 from featsweep.errors import ConfigError
 from featsweep.models import build_model, check_input, hub_model_info
 from featsweep.spec import ModelSpec, from_config, model_info
@@ -26,25 +25,13 @@ from featsweep.targets import LayerReader, check_targets, has_pre_relu, probe_la
 
 pytestmark = pytest.mark.usefixtures("hydra_restore_singletons")
 
-CONF = Path(featsweep.__file__).resolve().parent / "conf"
 TESTS = Path(__file__).resolve().parent
-SMALL_NET = ["model=custom", "model._target_=featsweep_testnets.make_small_net",
-             "model.mean=[0.5,0.5,0.5]", "model.std=[0.25,0.25,0.25]", "model.size=32"]
-TINY_VIT = ["model=custom", "model._target_=torchvision.models.VisionTransformer",
-            "+model.image_size=32", "+model.patch_size=8", "+model.num_layers=2",
-            "+model.num_heads=2", "+model.hidden_dim=16", "+model.mlp_dim=32",
-            "+model.num_classes=10", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
-            "model.size=32", "model.min_size=32"]
 
 
 @pytest.fixture(scope="class")
 def hydra_conf() -> Iterator[None]:
-    state = Singleton.get_state()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            yield
-    finally:
-        Singleton.set_state(state)
+    with featsweep_conf():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -13,38 +13,25 @@ from typing import Iterator
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.singleton import Singleton
+from hydra import compose
 from PIL import Image
 
-import featsweep
 from _cli import cli_env, run_module
+from _hydra import SMALL_NET, TINY_VIT, featsweep_conf
 from featsweep.engine import run_batch
 from featsweep.metrics import image_stats
 from featsweep.spec import RunSpec, from_config
 
 pytestmark = pytest.mark.usefixtures("hydra_restore_singletons")
 
-CONF = Path(featsweep.__file__).resolve().parent / "conf"
 TESTS = Path(__file__).resolve().parent
-SMALL_NET = ["model=custom", "model._target_=featsweep_testnets.make_small_net",
-             "model.mean=[0.5,0.5,0.5]", "model.std=[0.25,0.25,0.25]", "model.size=32"]
 RISE = ["optimizer=adam", "optimizer.lr=0.05", "blur=none", "device=cpu", "log_every=100"]
-TINY_VIT = ["model=custom", "model._target_=torchvision.models.VisionTransformer",
-            "+model.image_size=32", "+model.patch_size=8", "+model.num_layers=2",
-            "+model.num_heads=2", "+model.hidden_dim=16", "+model.mlp_dim=32",
-            "+model.num_classes=10", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
-            "model.size=32", "model.min_size=32"]
 
 
 @pytest.fixture(scope="module")
 def hydra_conf() -> Iterator[None]:
-    state = Singleton.get_state()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            yield
-    finally:
-        Singleton.set_state(state)
+    with featsweep_conf():
+        yield
 
 
 def specs(common: list[str], *jobs: list[str]) -> list[RunSpec]:

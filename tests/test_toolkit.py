@@ -457,20 +457,12 @@ class TestSweep:
 
     @pytest.mark.parametrize("preset", ["lucent_defaults", "toolkit"])
     def test_presets_compose_and_validate(self, preset: str) -> None:
-        from pathlib import Path
+        from hydra import compose
 
-        from hydra import compose, initialize_config_dir
-        from hydra.core.singleton import Singleton
+        from _hydra import featsweep_conf
 
-        import featsweep
-
-        state = Singleton.get_state()  # Hydra's own launcher suites must not see this compose
-        try:
-            conf = Path(featsweep.__file__).resolve().parent / "conf"
-            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-                cfg = compose("config", overrides=[f"experiment={preset}"])
-        finally:
-            Singleton.set_state(state)
+        with featsweep_conf():
+            cfg = compose("config", overrides=[f"experiment={preset}"])
         s = from_config(cfg)
         if preset == "lucent_defaults":
             assert (s.param.kind, s.param.decorrelate, s.param.squash) == ("fft", True, "sigmoid")
