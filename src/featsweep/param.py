@@ -204,10 +204,6 @@ class ImageParams:
         shape = (-1,) + (1,) * (g.tensor.dim() - 1)
         g.tensor.copy_(torch.where(mask.view(shape), new, g.tensor))
 
-    def clamp_is_noop(self, g: ParamGroup, low: float, high: float) -> bool:
-        """A sigmoid image never leaves (0, 1), so clamping it to a range that holds [0, 1]
-        changes nothing (and is skipped)."""
-        return g.sigmoid is not None and bool(g.sigmoid.all()) and low <= 0 and high >= 1
 
 
 def initial_params(spec: RunSpec, channels: int, mean: torch.Tensor,
