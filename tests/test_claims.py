@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import textwrap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -642,3 +643,52 @@ def test_constant_metric_says_so() -> None:
     row = one(diff, CLAMP_OFF_DARKER, n_boot=200)  # ... while B − A = 0 is defined
     assert row["verdict"] == row["verdict_holm"] == "inconclusive"
     assert row["reason"] == "metric constant (0.25 in all 32 jobs)"
+
+
+# ---------------------------------------------------------------------------------- by
+
+
+def test_by_gives_one_verdict_per_value_and_keeps_a_single_value_whole(tmp_path) -> None:
+    """Weight decay darkens under one parameterization only: pooled, the effect is halved; split by
+    param.kind, the pixel part is supported and the fft part is not, each on its own rows."""
+    from featsweep.analysis.claims import claims_table, expand_by
+
+    rng = np.random.default_rng(31)
+    pixel = sweep(rng, wd_slope=-0.6, clamps=(True,)).assign(**{"param.kind": "pixel"})
+    fft = sweep(rng, wd_slope=0.0, clamps=(True,)).assign(**{"param.kind": "fft"})
+    both = pd.concat([pixel, fft], ignore_index=True)
+    claim = Claim(WD_DARKER.name, WD_DARKER.factor, WD_DARKER.metric, "decrease", by=("param.kind",))
+    parts = expand_by([claim], both)
+    assert [c.name for c in parts] == [f"{claim.name} [param.kind=fft]", f"{claim.name} [param.kind=pixel]"]
+    assert all(c.by == () for c in parts) and parts[1].filters["param.kind"] == ("pixel",)
+    assert expand_by(parts, both) == parts  # idempotent
+    table = claims_table(both, [claim], n_boot=2000).set_index("claim")
+    assert table.loc[parts[1].name, "verdict"] == "supported"
+    assert table.loc[parts[0].name, "verdict"] != "supported"
+    assert table.loc[parts[1].name, "n_jobs"] == len(pixel)  # its own rows only
+    # Each part is exactly the claim filtered by hand.
+    alone = evaluate(pixel, [replace(parts[1], filters={})], n_boot=2000).iloc[0]
+    assert table.loc[parts[1].name, "statistic"] == pytest.approx(alone["statistic"])
+    # One value: the claim stays whole, under its own name.
+    assert [c.name for c in expand_by([claim], pixel)] == [claim.name]
+    assert [c.name for c in expand_by([claim], pixel.drop(columns="param.kind"))] == [claim.name]
+    # The file's by is inherited, minus the claim's own factor; a claim may opt out with [].
+    path = write(tmp_path, "by: [param.kind]\nclaims:\n"
+                 "  - {name: a, factor: optimizer.weight_decay, metric: display.brightness, direction: decrease}\n"
+                 "  - {name: b, factor: param.kind, metric: display.brightness, direction: any, levels: [pixel, fft]}\n"
+                 "  - {name: c, factor: blur.k, metric: display.brightness, direction: any, by: []}\n")
+    assert [c.by for c in load_claims(path)] == [("param.kind",), (), ()]
+    with pytest.raises(ClaimsError, match="key 'by' is \\['optimizer.weight_decay'\\]; allowed: config columns other than the factor"):
+        Claim("x", "optimizer.weight_decay", "activation", "any", by=("optimizer.weight_decay",))
+
+
+def test_shipped_notes_claims_split_by_parameterization() -> None:
+    from featsweep.analysis.claims import expand_by
+
+    claims = load_claims(notes_claims_path())
+    assert all(c.by == ("param.kind",) for c in claims)
+    df = pd.DataFrame({"param.kind": ["pixel", "fft"], "optimizer.weight_decay": [0.0, 0.1],
+                       "display.brightness": [0.1, 0.2], "raw.brightness": [0.1, 0.2],
+                       "regularizer.clamp": [True, True]})
+    names = [c.name for c in expand_by(claims, df)]
+    assert len(names) == 2 * len(claims) and names[0].endswith("[param.kind=fft]")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Union
@@ -26,15 +26,18 @@ from featsweep.analysis.values import NULL, canon, show
 from featsweep.errors import UserError
 
 __all__ = [
-    "CLAIM_KEYS", "DEFAULT_UNIT", "DIRECTIONS", "REQUIRED_KEYS", "Claim", "ClaimsError",
-    "claim_problems", "load_claims", "notes_claims_path", "validate_claims",
+    "CLAIM_KEYS", "DEFAULT_UNIT", "DIRECTIONS", "FILE_KEYS", "REQUIRED_KEYS", "Claim",
+    "ClaimsError", "claim_problems", "expand_by", "load_claims", "notes_claims_path",
+    "validate_claims",
 ]
 
 Scalar = Union[str, bool, int, float]
 
 DIRECTIONS: tuple[str, ...] = ("increase", "decrease", "any")
 CLAIM_KEYS: tuple[str, ...] = ("name", "factor", "metric", "direction", "levels", "filters",
-                               "ignore", "unit", "min_effect")
+                               "ignore", "unit", "min_effect", "by")
+# Top-level keys of a claims file: the claims, and a ``by`` every claim inherits unless it sets its own.
+FILE_KEYS: tuple[str, ...] = ("claims", "by")
 REQUIRED_KEYS: tuple[str, ...] = ("name", "factor", "metric", "direction")
 # What a claim generalizes over unless it names another unit: the notes' sentences are about
 # channels in general, so channels (not seeds of one channel) are the independent draws.
@@ -75,6 +78,9 @@ class Claim:
         min_effect: effect-size floor in the metric's units (≥ 0); an effect whose CI lies wholly
             inside ±floor is ``negligible``. ``None``: taken from the data (the seed-to-seed
             spread of the metric at fixed settings, see :mod:`.stats`); 0 disables the floor.
+        by: config columns the verdict is given separately for (e.g. ``param.kind``: one verdict
+            per parameterization). :func:`expand_by` turns the claim into one claim per value the
+            sweep has, named ``"<name> [param.kind=fft]"``; a sweep with one value keeps it whole.
     """
 
     name: str
@@ -86,6 +92,7 @@ class Claim:
     ignore: tuple[str, ...] = ()
     unit: str | None = DEFAULT_UNIT
     min_effect: float | None = None
+    by: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here, not only in load_claims, so claims built in code obey the same rules.
@@ -153,6 +160,16 @@ class Claim:
                      "a number ≥ 0 in the metric's units (0: no floor), or null for the seed-to-seed "
                      "spread of the data")
             object.__setattr__(self, "min_effect", float(self.min_effect))
+        by = (self.by,) if isinstance(self.by, str) else self.by
+        if not isinstance(by, Iterable) or not all(isinstance(c, str) and c for c in by):
+            _bad(who, "by", self.by, "a list of config column names (e.g. [param.kind])")
+        by = tuple(by)
+        for column in by:
+            if not is_config_column(column) or column in (self.factor, self.unit, *ignore):
+                _bad(who, "by", list(by),
+                     "config columns other than the factor, the unit and the ignored columns "
+                     "(one verdict per value of each)")
+        object.__setattr__(self, "by", by)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -205,9 +222,11 @@ def load_claims(path: str | Path) -> list[Claim]:
             f"{path}: the file must be a mapping with one key 'claims' holding a list of claims, "
             f"got {type(data).__name__}{' with keys ' + repr(sorted(map(str, data))) if isinstance(data, dict) else ''}."
         )
-    extra = sorted(str(k) for k in data if k != "claims")
+    extra = sorted(str(k) for k in data if k not in FILE_KEYS)
     if extra:
-        raise ClaimsError(f"{path}: unknown top-level key(s) {extra}; allowed: 'claims'.")
+        raise ClaimsError(f"{path}: unknown top-level key(s) {extra}; allowed: "
+                          f"{_alternatives(FILE_KEYS)}.")
+    file_by = data.get("by") or ()
     items = data["claims"]
     if not isinstance(items, list):
         raise ClaimsError(f"{path}: key 'claims' is {items!r}; allowed: a list of claims.")
@@ -242,6 +261,7 @@ def load_claims(path: str | Path) -> list[Claim]:
                 direction=item["direction"], levels=item.get("levels"),
                 filters=item.get("filters") or {}, ignore=item.get("ignore") or (),
                 unit=item.get("unit", DEFAULT_UNIT), min_effect=item.get("min_effect"),
+                by=item["by"] if "by" in item else _inherited_by(file_by, item),
             )
         except ClaimsError as exc:
             # The dataclass names the claim; say where in the file it is, too.
@@ -256,6 +276,52 @@ def load_claims(path: str | Path) -> list[Claim]:
         seen[claim.name] = number
         claims.append(claim)
     return claims
+
+
+def _inherited_by(file_by: Any, item: Mapping[str, Any]) -> Any:
+    # The file's ``by`` applies where it can: a claim that varies, ignores or generalizes over
+    # one of its columns keeps the others (say ``by: []`` in a claim to opt out entirely).
+    if isinstance(file_by, str):
+        file_by = [file_by]
+    if not isinstance(file_by, (list, tuple)):
+        return file_by  # the Claim check names the bad value
+    own = {item.get("factor"), item.get("unit", DEFAULT_UNIT), *(item.get("ignore") or ())}
+    return [c for c in file_by if c not in own]
+
+
+def expand_by(claims: Sequence[Claim], df: pd.DataFrame) -> list[Claim]:
+    """Each claim with ``by`` as one claim per combination of its ``by`` values in ``df``.
+
+    The rows a claim can use (its filters applied) decide the combinations; each becomes a claim
+    named ``"<name> [column=value, ...]"`` with the values added to its filters and ``by``
+    emptied, so it is tested on its own rows only (Holm's family then holds every part). A claim
+    whose rows have one combination, or whose ``by`` columns the table lacks, stays as it is.
+    Idempotent: claims without ``by`` pass through.
+    """
+    out: list[Claim] = []
+    for claim in claims:
+        columns = [c for c in claim.by if c in df.columns]
+        rows = df
+        for column, allowed in claim.filters.items():
+            if column in rows.columns:
+                wanted = {canon(v) for v in allowed}
+                rows = rows[[canon(v) in wanted for v in rows[column]]]
+        combos = sorted({tuple(canon(v) for v in values)
+                         for values in zip(*(rows[c].tolist() for c in columns))}) if columns else []
+        if len(combos) < 2:
+            out.append(replace(claim, by=()))
+            continue
+        for combo in combos:
+            label = ", ".join(f"{c}={show(v)}" for c, v in zip(columns, combo))
+            filters = dict(claim.filters)
+            filters.update({c: (_plain(v),) for c, v in zip(columns, combo)})
+            out.append(replace(claim, name=f"{claim.name} [{label}]", filters=filters, by=()))
+    return out
+
+
+def _plain(value: tuple) -> Any:
+    # canon() form back to the scalar a filter holds: ("str", "fft") -> "fft", ("none",) -> None.
+    return None if value == NULL else value[1]
 
 
 def claim_problems(claims: Sequence[Claim], df: pd.DataFrame) -> list[str]:

@@ -37,6 +37,7 @@ from featsweep.analysis.claim import (
     Claim,
     ClaimsError,
     claim_problems,
+    expand_by,
     load_claims,
     notes_claims_path,
     validate_claims,
@@ -49,7 +50,7 @@ __all__ = [
     "ALL_GROUP", "CI_LEVEL", "CLAIMS_COLUMNS", "CLAIM_KEYS", "COLUMN_DEFINITIONS", "DEFAULT_UNIT",
     "DIRECTIONS", "GROUP_TABLE_COLUMNS", "LEVEL_TABLE_COLUMNS", "MIN_GROUPS", "N_BOOT",
     "NOT_IN_SWEEP", "REQUIRED_KEYS", "RESULT_COLUMNS", "VERDICTS", "Claim", "ClaimsError",
-    "canon", "claim_problems", "claims_table", "evaluate", "group_table", "level_table",
+    "canon", "claim_problems", "claims_table", "evaluate", "expand_by", "group_table", "level_table",
     "load_claims", "notes_claims_path", "paired_frame", "show", "validate_claims",
 ]
 
@@ -364,7 +365,8 @@ def claims_table(
 
     A claim whose factor does not vary in this sweep (after its filters), or never takes one of
     its levels, gets verdict :data:`NOT_IN_SWEEP` and the reason; the others are evaluated
-    (Holm's adjustment over those). Columns :data:`CLAIMS_COLUMNS`, one row per claim in order.
+    (Holm's adjustment over those). A claim with ``by`` is first split by :func:`expand_by` (one
+    row per value the sweep has). Columns :data:`CLAIMS_COLUMNS`, one row per claim in order.
 
     Raises:
         ClaimsError: a claim names a column the table does not have (a typo: the message lists
@@ -375,6 +377,7 @@ def claims_table(
     if typos:
         validate_claims(typos, df)
         raise ClaimsError(f"claims name columns the table lacks: {[c.name for c in typos]}")
+    claims = expand_by(claims, df)
     reasons: dict[str, str] = {}
     testable: list[Claim] = []
     for claim in claims:

@@ -27,6 +27,7 @@ from featsweep.analysis.claims import (
     Claim,
     canon,
     claims_table,
+    expand_by,
     group_table,
     level_table,
     load_claims,
@@ -424,6 +425,7 @@ def write_report(
         from featsweep.quality import add_quality
 
         df, examples = add_quality(df, natural_dir=natural_dir, out_dir=out)
+    claims = expand_by(claims, df)  # one claim per parameterization etc. (claims' ``by``)
     results = claims_table(df, claims, n_boot=n_boot)
     out.mkdir(parents=True, exist_ok=True)
 
