@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -212,8 +213,9 @@ def _print_plan(launcher: "BatchedLauncher", jobs: list[_Job], batches: list[lis
     for n, batch in enumerate(batches, 1):
         spec = batch[0].spec
         assert spec is not None
-        lines.append(f"  batch {n}: {_describe(batch)}; {spec.model.label} {spec.image.size}px "
-                     f"{spec.image.space} on {spec.device}")
+        kinds = "/".join(sorted({j.spec.param.kind for j in batch if j.spec is not None}))
+        lines.append(f"  batch {n}: {_describe(batch)}; {spec.model.label} {spec.image.size}px, "
+                     f"param {kinds}, image.space {spec.image.space} on {spec.device}")
     lines.append("  (no model was loaded: the memory check may still split a batch when the "
                  "sweep runs)")
     print("\n".join(lines), flush=True)
@@ -417,8 +419,38 @@ def _job_dir(job: _Job) -> Path:
     return job.out
 
 
+_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+
+
+def _needs_hydra_singleton(config: DictConfig, key: str, depth: int = 0) -> bool:
+    """Whether resolving ``key`` may reach the ``${hydra:...}`` resolver, which reads Hydra's
+    singleton rather than ``config`` (so it must hold this job's config). Plain interpolations
+    are followed; any resolver but ``now`` (cached from the sweep's start) counts as yes."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    if not isinstance(node, DictConfig) or depth > 8:
+        return True
+    raw = OmegaConf.to_container(node, resolve=False).get(leaf)
+    if isinstance(raw, (dict, list)):
+        return True
+    for ref in _INTERPOLATION.findall(raw) if isinstance(raw, str) else ():
+        if ":" in ref:
+            if not ref.startswith("now:"):
+                return True
+        elif ref.startswith(".") or _needs_hydra_singleton(config, ref, depth + 1):
+            return True
+    return False
+
+
 def _output_dir(config: DictConfig) -> Path:
     """The job directory run_job will use for `config` (hydra.sweep.dir / hydra.sweep.subdir)."""
+    keys = ("hydra.sweep.dir", "hydra.sweep.subdir")
+    if not any(_needs_hydra_singleton(config, key) for key in keys):
+        # The usual case (Hydra's defaults: multirun/${now:...}, ${hydra.job.num}): the config
+        # resolves it alone.
+        out, sub = (str(OmegaConf.select(config, key)) for key in keys)
+        return Path(os.path.abspath(os.path.join(out, sub)))
+    # A ${hydra:...} in them: resolve as run_job will, with this job's config in the singleton.
     instance = HydraConfig.instance()
     orig = instance.cfg
     try:

@@ -33,9 +33,12 @@ class BatchedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
-        from hydra_plugins.featsweep_batched_launcher import _core
+        from hydra_plugins.featsweep_batched_launcher import _core, sweep_loader
 
         _core.check_settings(self)
+        # Compose each job from its config-group choices once (the sweeper shares this context,
+        # so its check of every job is fast too); job configs stay what Hydra composes.
+        sweep_loader.install(hydra_context)
         self.config = config
         self.hydra_context = hydra_context
         self.task_function = task_function

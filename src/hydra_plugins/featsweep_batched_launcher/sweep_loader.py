@@ -1,0 +1,177 @@
+"""Job configs of a sweep, composed once per distinct set of config-group choices.
+
+Hydra composes every job of a sweep from scratch, twice: the sweeper checks each job's overrides
+(``Sweeper.validate_batch_is_legal``) and the launcher composes them again. A full composition
+re-reads and merges every YAML file of the defaults tree (~80 ms per job on a laptop core), so a
+1,000-job sweep spent minutes before its first step. Yet most jobs of a sweep differ from each
+other only in plain values (``seed=3``, ``target.channel=7``), which Hydra applies *after* the
+defaults tree is composed (``ConfigLoaderImpl._load_configuration_impl``).
+
+:class:`SweepConfigLoader` wraps Hydra's loader behind the public
+:class:`~hydra.core.config_loader.ConfigLoader` interface. For a job it splits the overrides into
+the *structural* ones (``hydra.*`` and config-group choices such as ``optimizer=adam``,
+``+study=base``) and the plain values. The structural part is composed by Hydra once per distinct
+tuple; a job is a copy of that config with its values applied the way Hydra applies them, and
+Hydra's per-job bookkeeping (``hydra.overrides.task``, ``hydra.job.override_dirname``) set to the
+job's own. The first job of every structural tuple is also composed by Hydra in full and the two
+configs are compared leaf for leaf; any difference (or any error in the fast path) sends that
+tuple back to Hydra's own composition for good. So a job's config, and every file written from it,
+is what Hydra would have composed (tests/test_sweep_loader.py compares whole sweeps).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, List, Optional
+
+from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
+from hydra.core.config_loader import ConfigLoader
+from hydra.core.object_type import ObjectType
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.plugins.config_source import ConfigSource
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SweepConfigLoader", "install"]
+
+_MAX_CHECKED = 20_000  # configs kept for a second call (a sweeper's batch; Hydra's default is all jobs)
+
+
+class SweepConfigLoader(ConfigLoader):
+    """Hydra's ``ConfigLoader`` with a fast :meth:`load_sweep_config` (module docstring).
+
+    Every other method is Hydra's own. ``stats`` counts ``full`` (Hydra compositions made),
+    ``fast`` (jobs built from a composed structural config) and ``fallback`` (jobs sent back to
+    Hydra because the fast path differed or failed).
+    """
+
+    def __init__(self, inner: ConfigLoader) -> None:
+        self.inner = inner
+        self._parser = OverridesParser.create()
+        self._bases: dict[tuple, DictConfig | None] = {}  # None: this tuple uses Hydra's path
+        self._groups: dict[str, frozenset[str]] = {}
+        # The sweeper composes each job to check it (and only reads the config), then the
+        # launcher composes it again: the second call for the same overrides gets the config the
+        # first call made (once; then it is gone, and a third call composes anew).
+        self._checked: dict[tuple, DictConfig] = {}
+        self.stats = {"full": 0, "fast": 0, "fallback": 0, "reused": 0}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A submitit task pickles the launcher with its context: ship Hydra's loader only (the
+        # parser does not pickle; the composed bases are rebuilt on demand where the task runs).
+        return {"inner": self.inner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["inner"])
+
+    # ---- Hydra's loader, unchanged
+    def load_configuration(self, config_name: Optional[str], overrides: List[str],
+                           run_mode: RunMode, from_shell: bool = True,
+                           validate_sweep_overrides: bool = True) -> DictConfig:
+        return self.inner.load_configuration(config_name, overrides, run_mode, from_shell,
+                                             validate_sweep_overrides)
+
+    def get_search_path(self) -> Any:
+        return self.inner.get_search_path()
+
+    def get_sources(self) -> List[ConfigSource]:
+        return self.inner.get_sources()
+
+    def list_groups(self, parent_name: str) -> List[str]:
+        return self.inner.list_groups(parent_name)
+
+    def get_group_options(self, group_name: str, results_filter: Optional[ObjectType] = ObjectType.CONFIG,
+                          config_name: Optional[str] = None,
+                          overrides: Optional[List[str]] = None) -> List[str]:
+        return self.inner.get_group_options(group_name, results_filter, config_name, overrides)
+
+    def compute_defaults_list(self, config_name: Optional[str], overrides: List[str],
+                              run_mode: RunMode) -> Any:
+        return self.inner.compute_defaults_list(config_name, overrides, run_mode)
+
+    # ---- the fast path
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
+        exact = (id(master_config), tuple(sweep_overrides))
+        if exact in self._checked:
+            self.stats["reused"] += 1
+            return self._checked.pop(exact)
+        cfg = self._compose(master_config, sweep_overrides)
+        if len(self._checked) >= _MAX_CHECKED:  # a caller that composes without a second call
+            self._checked.clear()
+        self._checked[exact] = cfg
+        return cfg
+
+    def _compose(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
+        try:
+            parsed = self._parser.parse_overrides(list(sweep_overrides))
+        except Exception:  # Hydra's own path raises the user-facing error
+            return self._full(master_config, sweep_overrides)
+        if any(o.is_sweep_override() for o in parsed):
+            return self._full(master_config, sweep_overrides)
+        structural = [o for o in parsed if o.is_hydra_override() or self._is_group_choice(o)]
+        values = [o for o in parsed if not (o.is_hydra_override() or self._is_group_choice(o))]
+        key = (id(master_config), tuple(o.input_line for o in structural))
+        first = key not in self._bases
+        if first:
+            try:
+                self._bases[key] = self._full(master_config, [o.input_line for o in structural])
+            except Exception:
+                self._bases[key] = None  # e.g. a missing group option: Hydra reports it below
+        base = self._bases[key]
+        if base is None:
+            return self._full(master_config, sweep_overrides)
+        try:
+            cfg = self._apply(base, parsed, values)
+        except Exception:
+            self.stats["fallback"] += 1
+            return self._full(master_config, sweep_overrides)
+        if first:
+            full = self._full(master_config, sweep_overrides)
+            if OmegaConf.to_container(full, resolve=False) != OmegaConf.to_container(cfg, resolve=False):
+                log.debug("sweep loader: fast composition differs for %s; using Hydra's", key[1])
+                self._bases[key] = None
+                self.stats["fallback"] += 1
+                return full
+        self.stats["fast"] += 1
+        return cfg
+
+    def _full(self, master_config: DictConfig, overrides: List[str]) -> DictConfig:
+        self.stats["full"] += 1
+        return self.inner.load_sweep_config(master_config, list(overrides))
+
+    def _is_group_choice(self, override: Override) -> bool:
+        # Hydra's rule (hydra._internal.defaults_list.Overrides): a config group's name whose
+        # value is not a dict selects a config; anything else is a value applied after composing.
+        parent, _, name = override.key_or_group.rpartition("/")
+        if parent not in self._groups:
+            self._groups[parent] = frozenset(self.inner.list_groups(parent))
+        return name in self._groups[parent] and not isinstance(override.value(), dict)
+
+    @staticmethod
+    def _apply(base: DictConfig, parsed: List[Override], values: List[Override]) -> DictConfig:
+        cfg = copy.deepcopy(base)
+        ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+        app = [o for o in parsed if not o.is_hydra_override()]
+        with open_dict(cfg.hydra):
+            cfg.hydra.overrides.task = [o.input_line for o in app]
+            cfg.hydra.job.override_dirname = get_overrides_dirname(
+                overrides=app,
+                kv_sep=cfg.hydra.job.config.override_dirname.kv_sep,
+                item_sep=cfg.hydra.job.config.override_dirname.item_sep,
+                exclude_keys=cfg.hydra.job.config.override_dirname.exclude_keys,
+            )
+        return cfg
+
+
+def install(hydra_context: Any) -> SweepConfigLoader:
+    """Put a :class:`SweepConfigLoader` in ``hydra_context`` (shared by the sweeper that made
+    the launcher, so its ``validate_batch_is_legal`` is fast too); idempotent."""
+    loader = hydra_context.config_loader
+    if not isinstance(loader, SweepConfigLoader):
+        loader = SweepConfigLoader(loader)
+        hydra_context.config_loader = loader
+    return loader
