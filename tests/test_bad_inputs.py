@@ -131,8 +131,12 @@ ROWS = {
                                    "image.space='normalized': param=fft builds the image in "
                                    "pixel space"),
     "jitter not smaller than the image": Row("app", ("transform.jitter=32",),
-                                             "transform.jitter=32: the shift must be smaller "
+                                             "transform.jitter=32: the jitter crop must be smaller "
                                              "than image.size (32)"),
+    "jitter crops leaving no image": Row("app", ("transform.jitter=20", "transform.jitter_final=20"),
+                                         "transform.jitter=20: the two jitter crops (transform.jitter "
+                                         "+ transform.jitter_final = 40 px) must leave the model an "
+                                         "image: image.size + 2 × transform.pad − both = -8 px"),
     "empty rotate list": Row("app", ("transform.rotate=[]",),
                              "transform.rotate=[]: must list at least one value"),
     "negative tv weight": Row("app", ("regularizer.tv=-0.1",), "regularizer.tv=-0.1: must be >= 0"),

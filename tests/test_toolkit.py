@@ -54,18 +54,20 @@ class TestTransforms:
     def images(self, n: int = 2, size: int = 24) -> torch.Tensor:
         return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
-    def one(self, draws: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
-        m = transforms.affine_matrices(torch.tensor([draws] * x.shape[0]), *x.shape[-2:])
-        return KT.warp_affine(x, m, dsize=tuple(x.shape[-2:]), align_corners=True)
+    def one(self, draws: tuple[float, ...], x: torch.Tensor, jitter: int = 0,
+            crop: int = 0) -> torch.Tensor:
+        m = transforms.affine_matrices(torch.tensor([draws] * x.shape[0]), *x.shape[-2:], jitter)
+        h, w = x.shape[-2:]
+        return KT.warp_affine(x, m, dsize=(h - crop, w - crop), align_corners=True)
 
-    def test_jitter_is_kornia_translate(self) -> None:
+    def test_jitter_is_lucents_random_crop(self) -> None:
+        """Lucent's jitter(d): x[..., dy:dy + H - d, dx:dx + W - d] (integer offsets, exact)."""
         x = self.images()
-        got = self.one((3, 2, 1.0, 0.0, 0, 0), x)
-        want = KT.translate(x, torch.tensor([[3.0, 2.0]] * 2), align_corners=True)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-        # an integer shift moves pixels exactly: right by 3, down by 2, zeros come in
-        torch.testing.assert_close(got[..., 2:, 3:], x[..., :-2, :-3], rtol=0, atol=1e-5)
-        assert float(got[..., :2, :].abs().max()) == 0.0
+        got = self.one((3, 2, 1.0, 0.0, 0, 0), x, jitter=4, crop=4)
+        torch.testing.assert_close(got, x[..., 2:2 + 20, 3:3 + 20], rtol=0, atol=1e-5)
+        # The final jitter crops again, from the first crop's image.
+        both = self.one((3, 2, 1.0, 0.0, 1, 0), x, jitter=4, crop=6)
+        torch.testing.assert_close(both, x[..., 2:2 + 18, 4:4 + 18], rtol=0, atol=1e-5)
 
     def test_rotate_is_kornia_rotate(self) -> None:
         x = self.images()
@@ -80,14 +82,40 @@ class TestTransforms:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
     def test_composition_order(self) -> None:
-        """One warp = shift, then scale and rotate about the centre, then shift again."""
-        m = transforms.affine_matrices(torch.tensor([[2.0, 1.0, 1.1, 10.0, 3.0, 0.0]]), 24, 24)[0]
-        c = torch.tensor([11.5, 11.5])
+        """One warp = crop, then scale and rotate about the cropped image's centre, then crop."""
+        m = transforms.affine_matrices(torch.tensor([[2.0, 1.0, 1.1, 10.0, 3.0, 0.0]]), 24, 24,
+                                       jitter=4)[0]
+        c = torch.tensor([9.5, 9.5])  # centre of the 20 x 20 first crop
         point = torch.tensor([5.0, 7.0])
         a = math.radians(10.0)
         rot = 1.1 * torch.tensor([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
-        want = rot @ (point + torch.tensor([2.0, 1.0]) - c) + c + torch.tensor([3.0, 0.0])
+        want = rot @ (point - torch.tensor([2.0, 1.0]) - c) + c - torch.tensor([3.0, 0.0])
         torch.testing.assert_close(m[:, :2] @ point + m[:, 2], want, rtol=0, atol=1e-5)
+
+    def test_whole_transform_is_lucents_pipeline_written_out(self) -> None:
+        """pad -> crop -> rotate (Kornia's, about the crop's centre) -> crop, as Lucent chains
+        them, equals the one warp (scale 1: Lucent resizes for scale, see the module)."""
+        t = spec(**{**STANDARD, "transform.scale": [1.0]}).transform
+        rt = transforms.RandomTransforms([spec(seed=3, **{**STANDARD, "transform.scale": [1.0]})],
+                                         torch.device("cpu"))
+        x = self.images(1, SIZE)
+        for step in (0, 7, 70):
+            dx1, dy1, _, angle, dx2, dy2 = (int(v) if i != 3 else v for i, v in
+                                            enumerate(transforms.draw(t, 3, step)))
+            padded = F.pad(x - 0.5, [t.pad] * 4) + 0.5
+            n1 = padded.shape[-1] - t.jitter
+            first = padded[..., dy1:dy1 + n1, dx1:dx1 + n1]
+            turned = KT.rotate(first, torch.tensor([angle]), align_corners=True)
+            n2 = n1 - t.jitter_final
+            want = turned[..., dy2:dy2 + n2, dx2:dx2 + n2]
+            # Where the rotation reads outside the first crop, Lucent's chain reads zeros and the
+            # one warp reads the padded image beyond it: compare where the source is inside.
+            inside = KT.rotate(torch.ones_like(first), torch.tensor([angle]),
+                               align_corners=True)[..., dy2:dy2 + n2, dx2:dx2 + n2] > 1 - 1e-6
+            got = rt.apply(rt.groups[0], x, step)
+            assert got.shape[-1] == SIZE + 2 * t.pad - t.crop == t.model_size(SIZE)
+            assert inside.float().mean() > 0.9
+            torch.testing.assert_close(got[inside], want[inside], rtol=0, atol=1e-5)
 
     @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
     def test_pad_is_torch_pad(self, mode: str) -> None:
@@ -118,7 +146,7 @@ class TestTransforms:
         got = rt.apply(padded, x[:2], step=5)
         want = alone.apply(alone.groups[0], x[1:2], step=5)
         torch.testing.assert_close(got[1:2], want, rtol=0, atol=1e-6)
-        assert got.shape[-1] == SIZE + 8
+        assert got.shape[-1] == SIZE + 8 - 6  # pad 4 each side, crops 4 + 2
         plain = next(g for g in rt.groups if g.pad == 0)
         last = x[2:]
         assert not plain.transformed and rt.apply(plain, last, 5) is last

@@ -15,7 +15,7 @@ components' contracts (docs/CONTRACTS.md), built once per batch from the RunSpec
 A run's outcome does not depend on its batch-mates: the start and the transform draws are
 seeded per image, every update, clamp and blur is per image, and the model runs in eval mode
 (diversity, by design, couples the images of one diversity group). Images that the model sees at
-different sizes (``transform.pad``) go through one forward per size. The only host syncs are every
+different sizes (``transform.pad`` and the jitter crops) go through one forward per size. The only host syncs are every
 `log_every` steps (progress line) and at the end.
 """
 
@@ -182,10 +182,10 @@ _LAYER_SIZES: dict[tuple, tuple[int, ...]] = {}
 
 
 def layer_shape(spec: RunSpec, model: nn.Module, layers: list, device: torch.device,
-                pad: int = 0) -> tuple[int, ...]:
-    """(C, h, w) of the target layer's output for this job's input size (+ 2 pad): one truncated
-    forward of a zero image, cached per model, size and layer."""
-    size = spec.image.size + 2 * pad
+                size: int | None = None) -> tuple[int, ...]:
+    """(C, h, w) of the target layer's output for a model input of `size` (default image.size):
+    one truncated forward of a zero image, cached per model, size and layer."""
+    size = spec.image.size if size is None else size
     key = (spec.model.identity(), str(device), size, spec.target.layer, spec.target.relu)
     if key not in _LAYER_SIZES:
         channels = model_info(spec.model).in_channels
@@ -197,7 +197,8 @@ def layer_shape(spec: RunSpec, model: nn.Module, layers: list, device: torch.dev
 
 
 def _check_neuron(spec: RunSpec, model: nn.Module, layers: list, device: torch.device) -> None:
-    _, h, w = layer_shape(spec, model, layers, device, spec.transform.pad)
+    seen = spec.transform.model_size(spec.image.size)
+    _, h, w = layer_shape(spec, model, layers, device, seen)
     token = getattr(spec.target, "token", None)
     if token is not None and not 0 <= token < w:  # a token layer, read as (C, 1, N)
         raise config_error("target.token", token, f"layer {spec.target.layer} has {w} tokens at "
@@ -206,7 +207,7 @@ def _check_neuron(spec: RunSpec, model: nn.Module, layers: list, device: torch.d
         if value is not None and not 0 <= value < limit:
             raise config_error(key, value, f"layer {spec.target.layer} is {h}×{w} (rows × "
                                f"columns) at image.size={spec.image.size}"
-                               f"{f' + 2 × transform.pad' if spec.transform.pad else ''}, so it "
+                               f"{f' (the model sees {seen} px after transform.pad and the jitter crops)' if seen != spec.image.size else ''}, so it "
                                f"must be in 0..{limit - 1} (null = the centre)")
 
 
@@ -406,7 +407,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         mask = None
         if any(through) and not all(through):
             mask = torch.tensor(through, device=device).view(-1, 1, 1, 1)
-        reader = make_reader(model, targets, order, first, first.image.size + 2 * sg.pad, device)
+        reader = make_reader(model, targets, order, first, sg.size, device)
         forwards.append((sg, reader,
                          Objectives(specs, sg.rows, device, directions), any(through), mask,
                          sg.rows == list(range(batch))))
@@ -669,7 +670,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
             diverged_at=bad,
             info={"layer": spec.target.layer, "image_size": spec.image.size, "batch_size": batch,
                   "objective": spec.target.kind, "param": spec.param.kind,
-                  "model_input_size": spec.image.size + 2 * spec.transform.pad,
+                  "model_input_size": spec.transform.model_size(spec.image.size),
                   "forwards_per_step": len(forwards), "clamp": resolved_clamp[i],
                   "trace_stride": stride,
                   "memory_format": "channels_last" if layout == torch.channels_last else "contiguous",

@@ -176,7 +176,7 @@ def estimate(specs: Sequence["RunSpec"], device: "torch.device | None" = None) -
     acts = 0.0
     for spec in specs:
         saved, largest, probe = _measure(spec, device)
-        scale = (size / probe) ** 2
+        scale = (spec.transform.model_size(size) / probe) ** 2  # the model sees pad and crops
         acts += (saved + 2 * largest) * scale
     try:
         from featsweep.models import model_info

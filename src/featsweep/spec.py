@@ -353,17 +353,27 @@ class TransformSpec:
     """Random differentiable transforms between the image and the model, redrawn every step
     (featsweep.transforms), in this order: pad -> jitter -> scale -> rotate -> jitter_final."""
 
-    pad: int = 0  # pixels added on each side (the model then sees H + 2 pad)
+    pad: int = 0  # pixels added on each side
     pad_mode: str = "constant"  # constant | reflect | replicate
     pad_value: float = 0.5  # constant mode: the border's pixel value
-    jitter: int = 0  # random shift by 0..jitter-1 px in x and y (Lucent's jitter); 0/1 = none
+    # Lucid/Lucent's jitter d: a random crop, d px smaller, at offsets 0..d-1 in x and y; 0 = none
+    jitter: int = 0
     scale: tuple[float, ...] = (1.0,)  # scale factors drawn uniformly (about the centre)
     rotate: tuple[float, ...] = (0.0,)  # angles in degrees drawn uniformly
-    jitter_final: int = 0  # a second shift after scale and rotate (Lucid's standard: 4)
+    jitter_final: int = 0  # a second jitter crop after scale and rotate (Lucid's standard: 4)
+
+    @property
+    def crop(self) -> int:
+        """Pixels the two jitter crops take off each side length."""
+        return self.jitter + self.jitter_final
+
+    def model_size(self, image_size: int) -> int:
+        """Side of the image the model sees: image.size + 2 pad − jitter − jitter_final."""
+        return image_size + 2 * self.pad - self.crop
 
     @property
     def active(self) -> bool:
-        return (self.pad > 0 or self.jitter > 1 or self.jitter_final > 1
+        return (self.pad > 0 or self.crop > 0
                 or any(s != 1.0 for s in self.scale) or any(r != 0.0 for r in self.rotate))
 
 
@@ -715,14 +725,21 @@ def _transform(cfg: Mapping[str, Any], size: int) -> TransformSpec:
     for key in ("jitter", "jitter_final"):
         value = _number(f"transform.{key}", _get(cfg, f"transform.{key}", 0), kind=int, low=0)
         if value >= size:
-            raise config_error(f"transform.{key}", value, f"the shift must be smaller than "
-                               f"image.size ({size})")
+            raise config_error(f"transform.{key}", value, f"the jitter crop must be smaller "
+                               f"than image.size ({size})")
         jitters[key] = value
     scale = _number_list("transform.scale", _get(cfg, "transform.scale", [1.0]))
     for i, s in enumerate(scale):
         if s <= 0:
             raise config_error(f"transform.scale[{i}]", s, "scale factors must be > 0")
     rotate = _number_list("transform.rotate", _get(cfg, "transform.rotate", [0.0]))
+    left = size + 2 * pad - jitters["jitter"] - jitters["jitter_final"]
+    if left < 1:
+        raise config_error("transform.jitter", jitters["jitter"],
+                           f"the two jitter crops (transform.jitter + transform.jitter_final = "
+                           f"{jitters['jitter'] + jitters['jitter_final']} px) must leave the model "
+                           f"an image: image.size + 2 × transform.pad − both = {left} px, "
+                           f"must be ≥ 1")
     return TransformSpec(
         pad=pad,
         pad_mode=_choice("transform.pad_mode", _get(cfg, "transform.pad_mode", "constant"), PAD_MODES),

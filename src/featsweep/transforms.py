@@ -8,13 +8,18 @@ So a resumed job redraws exactly what it would have drawn, with no generator sta
 
 The geometric part (jitter, scale, rotate, final jitter) is ONE affine warp per image
 (``kornia.geometry.transform.warp_affine``, bilinear, zeros outside, ``align_corners=True``): one
-interpolation instead of three, and one kernel call for the batch. Padding changes the size the
-model sees (H + 2 pad), so images are grouped by pad: each group is one forward (the usual case,
-every image with the same preset, is one group).
+interpolation instead of three, and one kernel call for the batch. The model sees
+image.size + 2 pad − jitter − jitter_final pixels a side (:meth:`TransformSpec.model_size`), so
+images are grouped by (pad, crop): each group is one forward (the usual case, every image with
+the same preset, is one group).
 
-Semantics of the draws (Lucent 0.1.8's): jitter d shifts by integers dx, dy uniform in
-0..d-1 (to the right/down); scale and rotate pick uniformly from their lists (about the image
-centre, degrees counter-clockwise).
+Semantics (Lucent 0.1.8's): jitter d is a random crop, ``x[..., dy:dy + H - d, dx:dx + W - d]``
+with integers dx, dy uniform in 0..d-1 (so the content moves up/left and nothing from outside
+comes in); scale and rotate pick uniformly from their lists and act about the centre of the
+image they are given (degrees counter-clockwise); the final jitter crops again. One difference:
+Lucent's scale resizes the tensor (its size varies step to step), here it scales about the
+centre at a fixed size, so that a batch keeps one shape; and where a rotation reaches past the
+first crop's edge, Lucent's chain reads zeros while the one warp reads the padded image there.
 """
 
 from __future__ import annotations
@@ -51,19 +56,22 @@ def _chunk(spec: TransformSpec, seed: int, index: int) -> np.ndarray:
     return out
 
 
-def affine_matrices(draws: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, 6) draws -> (B, 2, 3) forward affine maps (source -> output pixel coordinates):
-    shift by (dx1, dy1), then scale and rotate about the centre, then shift by (dx2, dy2)."""
+def affine_matrices(draws: torch.Tensor, height: int, width: int, jitter: int = 0) -> torch.Tensor:
+    """(B, 6) draws -> (B, 2, 3) forward affine maps (input -> output pixel coordinates) for an
+    input of `height` × `width`: crop at (dx1, dy1) (a shift by −dx1, −dy1) to the
+    (H − jitter) × (W − jitter) image, scale and rotate about that image's centre, then crop at
+    (dx2, dy2). The output size is the caller's (``warp_affine``'s dsize)."""
     b = draws.shape[0]
     dev, dt = draws.device, draws.dtype
-    center = torch.tensor([[(width - 1) / 2, (height - 1) / 2]], device=dev, dtype=dt).expand(b, 2)
+    center = torch.tensor([[(width - jitter - 1) / 2, (height - jitter - 1) / 2]],
+                          device=dev, dtype=dt).expand(b, 2)
     scale = draws[:, 2:3].expand(b, 2)
     rs = torch.cat([get_rotation_matrix2d(center, draws[:, 3], scale),
                     torch.tensor([[[0.0, 0.0, 1.0]]], device=dev, dtype=dt).expand(b, 1, 3)], dim=1)
     t1 = torch.eye(3, device=dev, dtype=dt).repeat(b, 1, 1)
-    t1[:, 0, 2], t1[:, 1, 2] = draws[:, 0], draws[:, 1]
+    t1[:, 0, 2], t1[:, 1, 2] = -draws[:, 0], -draws[:, 1]
     t2 = torch.eye(3, device=dev, dtype=dt).repeat(b, 1, 1)
-    t2[:, 0, 2], t2[:, 1, 2] = draws[:, 4], draws[:, 5]
+    t2[:, 0, 2], t2[:, 1, 2] = -draws[:, 4], -draws[:, 5]
     return (t2 @ rs @ t1)[:, :2]
 
 
@@ -83,6 +91,9 @@ class SizeGroup:
     rows: list[int]  # positions in the batch
     rows_t: torch.Tensor  # (n,) long
     pad: int
+    jitter: int  # the first jitter crop (the rotation centre is that of the cropped image)
+    crop: int  # jitter + jitter_final: the output is (H + 2 pad − crop) a side
+    size: int  # the side the model sees
     warped: torch.Tensor | None  # (n,) bool: images with a random geometric transform
     transformed: bool  # any image of the group is padded or warped
 
@@ -97,14 +108,17 @@ class RandomTransforms:
         self.size = specs[0].image.size
         self.pad_value = torch.tensor([t.pad_value for t in self.specs], device=device).view(-1, 1, 1, 1)
         self._geometric = [_is_geometric(t) for t in self.specs]
-        by_pad: dict[int, list[int]] = {}
+        # One forward per input shape: images that pad and crop alike (the first crop too, as
+        # it sets the rotation centre).
+        by_shape: dict[tuple[int, int, int], list[int]] = {}
         for i, t in enumerate(self.specs):
-            by_pad.setdefault(t.pad, []).append(i)
+            by_shape.setdefault((t.pad, t.jitter, t.crop), []).append(i)
         self.groups = []
-        for pad, rows in sorted(by_pad.items()):
+        for (pad, jitter, crop), rows in sorted(by_shape.items()):
             warped = [self._geometric[i] for i in rows]
             self.groups.append(SizeGroup(
-                rows=rows, rows_t=torch.tensor(rows, device=device), pad=pad,
+                rows=rows, rows_t=torch.tensor(rows, device=device), pad=pad, jitter=jitter,
+                crop=crop, size=self.size + 2 * pad - crop,
                 warped=torch.tensor(warped, device=device) if any(warped) else None,
                 transformed=pad > 0 or any(warped)))
         self._cache: dict[tuple[int, int], np.ndarray] = {}
@@ -148,16 +162,16 @@ class RandomTransforms:
         if group.warped is not None:
             h, w = x.shape[-2:]
             d = self.draws(group.rows, step) if draws is None else draws
-            m = affine_matrices(d, h, w)
-            warped = warp_affine(x, m.to(x.dtype), dsize=(h, w), mode="bilinear",
-                                 padding_mode="zeros", align_corners=True)
-            x = torch.where(group.warped.view(-1, 1, 1, 1), warped, x)
+            m = affine_matrices(d, h, w, group.jitter)
+            warped = warp_affine(x, m.to(x.dtype), dsize=(h - group.crop, w - group.crop),
+                                 mode="bilinear", padding_mode="zeros", align_corners=True)
+            # Images without a geometric transform share the shape only when nothing is cropped.
+            x = warped if group.crop else torch.where(group.warped.view(-1, 1, 1, 1), warped, x)
         return x
 
 
 def _is_geometric(t: TransformSpec) -> bool:
-    return (t.jitter > 1 or t.jitter_final > 1 or any(s != 1.0 for s in t.scale)
-            or any(r != 0.0 for r in t.rotate))
+    return t.crop > 0 or any(s != 1.0 for s in t.scale) or any(r != 0.0 for r in t.rotate)
 
 
 __all__ = ["CHUNK", "RandomTransforms", "SizeGroup", "affine_matrices", "draw", "pad_images"]
