@@ -8,7 +8,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from _hydra import featsweep_conf
 from hydra_plugins.featsweep_batched_launcher.sweep_loader import SweepConfigLoader
@@ -53,7 +53,7 @@ def test_every_job_config_equals_hydras_own(name: str) -> None:
         assert fast.stats["fallback"] == 0, fast.stats
 
 
-def test_one_hydra_composition_per_group_choice_and_the_second_call_is_free() -> None:
+def test_one_hydra_composition_per_group_choice_and_every_job_its_own_object() -> None:
     with featsweep_conf():
         hydra_loader = GlobalHydra.instance().config_loader()
         master = loaded_master(hydra_loader)
@@ -62,13 +62,31 @@ def test_one_hydra_composition_per_group_choice_and_the_second_call_is_free() ->
         first = [fast.load_sweep_config(master, j) for j in jobs]  # the sweeper's check
         again = [fast.load_sweep_config(master, j) for j in jobs]  # the launcher
         # Per group choice: its structural config, then the first job in full (the check).
-        assert fast.stats == {"full": 4, "fast": 20, "fallback": 0, "reused": 20}
-        assert all(a is b for a, b in zip(first, again))
+        assert fast.stats == {"full": 4, "fast": 40, "fallback": 0}
+        assert not any(a is b for a, b in zip(first, again))
         assert [c.seed for c in again] == list(range(10)) * 2
         assert {c.optimizer.name for c in again[10:]} == {"adam"}
-        # Each job is its own copy: changing one leaves the others alone.
+        # Each job is its own copy: changing one leaves the others (and a repeat) alone, as
+        # when a sweep runs the same overrides twice (seed=1,1; Optuna's repeated trials).
         again[0].seed = 99
         assert again[1].seed == 1 and fast.load_sweep_config(master, jobs[0]).seed == 0
+        assert first[0].seed == 0
+
+
+def test_the_masters_resolver_cache_is_copied_per_job_as_hydra_does() -> None:
+    with featsweep_conf():
+        hydra_loader = GlobalHydra.instance().config_loader()
+        master = loaded_master(hydra_loader)
+        fast = SweepConfigLoader(hydra_loader)
+        fast.load_sweep_config(master, ["seed=1"])  # the structural config exists now
+        with open_dict(master):
+            master.probe = "${now:%H%M%S%f}"
+        value = master.probe  # ${now:...} cached in the master after the base was built
+        for cfg in (fast.load_sweep_config(master, ["seed=2"]),
+                    hydra_loader.load_sweep_config(master, ["seed=2"])):
+            with open_dict(cfg):
+                cfg.probe = "${now:%H%M%S%f}"
+            assert cfg.probe == value  # the job resolves it from the copied cache
 
 
 @pytest.mark.parametrize("overrides, error", [

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SweepConfigLoader", "install"]
 
-_MAX_CHECKED = 20_000  # configs kept for a second call (a sweeper's batch; Hydra's default is all jobs)
 
 
 class SweepConfigLoader(ConfigLoader):
@@ -46,7 +45,7 @@ class SweepConfigLoader(ConfigLoader):
 
     Every other method is Hydra's own. ``stats`` counts ``full`` (Hydra compositions made),
     ``fast`` (jobs built from a composed structural config) and ``fallback`` (jobs sent back to
-    Hydra because the fast path differed or failed).
+    Hydra because the fast path differed or failed). Each call returns a new config object.
     """
 
     def __init__(self, inner: ConfigLoader) -> None:
@@ -54,11 +53,7 @@ class SweepConfigLoader(ConfigLoader):
         self._parser = OverridesParser.create()
         self._bases: dict[tuple, DictConfig | None] = {}  # None: this tuple uses Hydra's path
         self._groups: dict[str, frozenset[str]] = {}
-        # The sweeper composes each job to check it (and only reads the config), then the
-        # launcher composes it again: the second call for the same overrides gets the config the
-        # first call made (once; then it is gone, and a third call composes anew).
-        self._checked: dict[tuple, DictConfig] = {}
-        self.stats = {"full": 0, "fast": 0, "fallback": 0, "reused": 0}
+        self.stats = {"full": 0, "fast": 0, "fallback": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         # A submitit task pickles the launcher with its context: ship Hydra's loader only (the
@@ -95,17 +90,8 @@ class SweepConfigLoader(ConfigLoader):
 
     # ---- the fast path
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
-        exact = (id(master_config), tuple(sweep_overrides))
-        if exact in self._checked:
-            self.stats["reused"] += 1
-            return self._checked.pop(exact)
-        cfg = self._compose(master_config, sweep_overrides)
-        if len(self._checked) >= _MAX_CHECKED:  # a caller that composes without a second call
-            self._checked.clear()
-        self._checked[exact] = cfg
-        return cfg
-
-    def _compose(self, master_config: DictConfig, sweep_overrides: List[str]) -> DictConfig:
+        # Every call composes anew (each job its own object: the launcher writes hydra.job.num
+        # into it, and a sweep may repeat a job's overrides, e.g. Optuna's repeated trials).
         try:
             parsed = self._parser.parse_overrides(list(sweep_overrides))
         except Exception:  # Hydra's own path raises the user-facing error
@@ -126,6 +112,8 @@ class SweepConfigLoader(ConfigLoader):
             return self._full(master_config, sweep_overrides)
         try:
             cfg = self._apply(base, parsed, values)
+            # As Hydra does per job: the master's resolver cache (${now:...}) as it is now.
+            OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
         except Exception:
             self.stats["fallback"] += 1
             return self._full(master_config, sweep_overrides)
