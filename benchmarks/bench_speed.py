@@ -572,7 +572,7 @@ def report(meta: dict, rows: list[Row]) -> tuple[str, dict]:
         if method == "fft" and ("batched", b) in ok:
             lines.append(f"- fft + standard transforms / pixel path (batched) at B={b}: "
                          f"{ms / ok[('batched', b)]:.2f}× per image-step (the model sees "
-                         f"{meta['size'] + 24} px instead of {meta['size']}: pad 12)")
+                         f"{meta['size'] + 24 - 12} px instead of {meta['size']}: pad 12, jitter crops 8 + 4)")
     n, s = NOTES_SWEEP_RUNS, NOTES_SWEEP_STEPS
     est: dict[str, float | None] = {
         "notes_loop_12x_B1_s": ok[("notes", 1)] * n * s / 1000 if ("notes", 1) in ok else None,
