@@ -372,9 +372,13 @@ class TransformSpec:
         return image_size + 2 * self.pad - self.crop
 
     @property
+    def geometric(self) -> bool:
+        """Whether the image is warped: a jitter crop, a scale or a rotation."""
+        return self.crop > 0 or any(s != 1.0 for s in self.scale) or any(r != 0.0 for r in self.rotate)
+
+    @property
     def active(self) -> bool:
-        return (self.pad > 0 or self.crop > 0
-                or any(s != 1.0 for s in self.scale) or any(r != 0.0 for r in self.rotate))
+        return self.pad > 0 or self.geometric
 
 
 @dataclass(frozen=True)
@@ -733,18 +737,17 @@ def _transform(cfg: Mapping[str, Any], size: int) -> TransformSpec:
         if s <= 0:
             raise config_error(f"transform.scale[{i}]", s, "scale factors must be > 0")
     rotate = _number_list("transform.rotate", _get(cfg, "transform.rotate", [0.0]))
-    left = size + 2 * pad - jitters["jitter"] - jitters["jitter_final"]
-    if left < 1:
-        raise config_error("transform.jitter", jitters["jitter"],
-                           f"the two jitter crops (transform.jitter + transform.jitter_final = "
-                           f"{jitters['jitter'] + jitters['jitter_final']} px) must leave the model "
-                           f"an image: image.size + 2 × transform.pad − both = {left} px, "
-                           f"must be ≥ 1")
-    return TransformSpec(
+    spec = TransformSpec(
         pad=pad,
         pad_mode=_choice("transform.pad_mode", _get(cfg, "transform.pad_mode", "constant"), PAD_MODES),
         pad_value=_number("transform.pad_value", _get(cfg, "transform.pad_value", 0.5)),
         jitter=jitters["jitter"], scale=scale, rotate=rotate, jitter_final=jitters["jitter_final"])
+    if spec.model_size(size) < 1:
+        raise config_error("transform.jitter", spec.jitter,
+                           f"the two jitter crops (transform.jitter + transform.jitter_final = "
+                           f"{spec.crop} px) must leave the model an image: image.size + 2 × "
+                           f"transform.pad − both = {spec.model_size(size)} px, must be ≥ 1")
+    return spec
 
 
 def check_batch_groups(specs: Sequence[RunSpec], names: Sequence[str] | None = None) -> None:

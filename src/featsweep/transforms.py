@@ -107,7 +107,7 @@ class RandomTransforms:
         self.device = device
         self.size = specs[0].image.size
         self.pad_value = torch.tensor([t.pad_value for t in self.specs], device=device).view(-1, 1, 1, 1)
-        self._geometric = [_is_geometric(t) for t in self.specs]
+        self._geometric = [t.geometric for t in self.specs]
         # One forward per input shape: images that pad and crop alike (the first crop too, as
         # it sets the rotation centre).
         by_shape: dict[tuple[int, int, int], list[int]] = {}
@@ -118,7 +118,7 @@ class RandomTransforms:
             warped = [self._geometric[i] for i in rows]
             self.groups.append(SizeGroup(
                 rows=rows, rows_t=torch.tensor(rows, device=device), pad=pad, jitter=jitter,
-                crop=crop, size=self.size + 2 * pad - crop,
+                crop=crop, size=self.specs[rows[0]].model_size(self.size),
                 warped=torch.tensor(warped, device=device) if any(warped) else None,
                 transformed=pad > 0 or any(warped)))
         self._cache: dict[tuple[int, int], np.ndarray] = {}
@@ -169,9 +169,6 @@ class RandomTransforms:
             x = warped if group.crop else torch.where(group.warped.view(-1, 1, 1, 1), warped, x)
         return x
 
-
-def _is_geometric(t: TransformSpec) -> bool:
-    return t.crop > 0 or any(s != 1.0 for s in t.scale) or any(r != 0.0 for r in t.rotate)
 
 
 __all__ = ["CHUNK", "RandomTransforms", "SizeGroup", "affine_matrices", "draw", "pad_images"]

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -27,8 +28,8 @@ from featsweep.errors import UserError
 
 __all__ = [
     "CLAIM_KEYS", "DEFAULT_UNIT", "DIRECTIONS", "FILE_KEYS", "REQUIRED_KEYS", "Claim",
-    "ClaimsError", "claim_problems", "expand_by", "load_claims", "notes_claims_path",
-    "validate_claims",
+    "ClaimsError", "claim_problems", "expand_by", "filtered_rows", "load_claims",
+    "notes_claims_path", "validate_claims",
 ]
 
 Scalar = Union[str, bool, int, float]
@@ -301,13 +302,14 @@ def expand_by(claims: Sequence[Claim], df: pd.DataFrame) -> list[Claim]:
     out: list[Claim] = []
     for claim in claims:
         columns = [c for c in claim.by if c in df.columns]
-        rows = df
-        for column, allowed in claim.filters.items():
-            if column in rows.columns:
-                wanted = {canon(v) for v in allowed}
-                rows = rows[[canon(v) in wanted for v in rows[column]]]
+        if not columns:
+            out.append(replace(claim, by=()))
+            continue
+        # A filter column the table lacks is claims_table's error to report; split on the rest.
+        present = {c: v for c, v in claim.filters.items() if c in df.columns}
+        rows = filtered_rows(df, replace(claim, filters=present))
         combos = sorted({tuple(canon(v) for v in values)
-                         for values in zip(*(rows[c].tolist() for c in columns))}) if columns else []
+                         for values in zip(*(rows[c].tolist() for c in columns))})
         if len(combos) < 2:
             out.append(replace(claim, by=()))
             continue
@@ -317,6 +319,15 @@ def expand_by(claims: Sequence[Claim], df: pd.DataFrame) -> list[Claim]:
             filters.update({c: (_plain(v),) for c, v in zip(columns, combo)})
             out.append(replace(claim, name=f"{claim.name} [{label}]", filters=filters, by=()))
     return out
+
+
+def filtered_rows(df: pd.DataFrame, claim: Claim) -> pd.DataFrame:
+    """The rows of `df` that pass `claim`'s filters (every filter column must be in `df`)."""
+    rows = df
+    for column, allowed in claim.filters.items():
+        wanted = {canon(v) for v in allowed}
+        rows = rows[np.array([canon(v) in wanted for v in rows[column].tolist()], dtype=bool)]
+    return rows
 
 
 def _plain(value: tuple) -> Any:

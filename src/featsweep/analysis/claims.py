@@ -38,6 +38,7 @@ from featsweep.analysis.claim import (
     ClaimsError,
     claim_problems,
     expand_by,
+    filtered_rows,
     load_claims,
     notes_claims_path,
     validate_claims,
@@ -325,17 +326,9 @@ def evaluate(
 # A claims file on one sweep
 
 
-def _filtered(df: pd.DataFrame, claim: Claim) -> pd.DataFrame:
-    rows = df
-    for column, allowed in claim.filters.items():
-        wanted = {canon(v) for v in allowed}
-        rows = rows[[canon(v) in wanted for v in rows[column]]]
-    return rows
-
-
 def not_in_sweep(df: pd.DataFrame, claim: Claim) -> str | None:
     """Why ``claim`` cannot be tested on this sweep's design (None: it can)."""
-    rows = _filtered(df, claim)
+    rows = filtered_rows(df, claim)
     if rows.empty:
         wanted = "; ".join(f"{c} in [{', '.join(show(canon(v)) for v in a)}]"
                            for c, a in claim.filters.items())

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from featsweep.analysis.claim import DEFAULT_UNIT, Claim
+from featsweep.analysis.claim import DEFAULT_UNIT, Claim, filtered_rows
 from featsweep.analysis.columns import config_columns
 from featsweep.analysis.values import NULL, canon, show
 
@@ -101,10 +101,7 @@ def pair(df: pd.DataFrame, claim: Claim, group_columns: Sequence[str] | None = N
     excluded: Counter = Counter()
 
     # Only finished jobs: a diverged or failed job's image says nothing about the setting.
-    rows = df
-    for column, allowed in claim.filters.items():
-        wanted = {canon(v) for v in allowed}
-        rows = rows[np.array([canon(v) in wanted for v in rows[column].tolist()], dtype=bool)]
+    rows = filtered_rows(df, claim)
     if "status" in rows.columns:
         ok = (rows["status"].astype(str) == "ok").to_numpy()
         _count(excluded, "status not ok", (~ok).sum())

@@ -98,8 +98,9 @@ class SweepConfigLoader(ConfigLoader):
             return self._full(master_config, sweep_overrides)
         if any(o.is_sweep_override() for o in parsed):
             return self._full(master_config, sweep_overrides)
-        structural = [o for o in parsed if o.is_hydra_override() or self._is_group_choice(o)]
-        values = [o for o in parsed if not (o.is_hydra_override() or self._is_group_choice(o))]
+        is_structural = [o.is_hydra_override() or self._is_group_choice(o) for o in parsed]
+        structural = [o for o, s in zip(parsed, is_structural) if s]
+        values = [o for o, s in zip(parsed, is_structural) if not s]
         key = (id(master_config), tuple(o.input_line for o in structural))
         first = key not in self._bases
         if first:
