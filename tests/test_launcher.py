@@ -32,7 +32,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from pytest import mark, param
 
-from hydra_plugins.featsweep_batched_launcher import _core
+from hydra_plugins.featsweep_batched_launcher import _plan as plan, _run_local as run_local
+from hydra_plugins.featsweep_batched_launcher import _sweep as launcher_sweep
 
 from _cli import run_module
 
@@ -76,13 +77,13 @@ def test_suite_sweeps_go_through_the_batched_launcher(hydra_sweep_runner: Any, t
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The suites above really run BatchedLauncher (not some default), once per sweep, in order."""
     calls = []
-    real_launch = _core.launch
+    real_launch = launcher_sweep.launch
 
     def spy(launcher: Any, job_overrides: Any, initial_job_idx: int) -> Any:
         calls.append((type(launcher).__name__, [list(o) for o in job_overrides], initial_job_idx))
         return real_launch(launcher, job_overrides, initial_job_idx)
 
-    monkeypatch.setattr(_core, "launch", spy)
+    monkeypatch.setattr(launcher_sweep, "launch", spy)
     sweep = hydra_sweep_runner(
         calling_file=None,
         calling_module="hydra.test_utils.a_module",
@@ -321,9 +322,9 @@ def base_spec() -> Any:
     return from_config(cfg)
 
 
-def make_jobs(base_spec: Any, n: int, **changes: Any) -> list[_core._Job]:
+def make_jobs(base_spec: Any, n: int, **changes: Any) -> list[plan.Job]:
     """n jobs whose specs differ by seed (seed == job index)."""
-    return [_core._Job(i, [f"seed={i}"], OmegaConf.create({}),
+    return [plan.Job(i, [f"seed={i}"], OmegaConf.create({}),
                        dataclasses.replace(base_spec, seed=i, **changes)) for i in range(n)]
 
 
@@ -333,12 +334,12 @@ def test_groups_by_batch_key_in_first_seen_order_and_max_batch(base_spec: Any) -
                                spec=dataclasses.replace(j.spec, image=dataclasses.replace(
                                    j.spec.image, size=48))) for j in make_jobs(base_spec, 2)]
     jobs = [small[0], big[0], small[1], small[2], big[1], small[3], small[4]]
-    groups = _core._groups(jobs, max_batch=2)
+    groups = plan.batch_groups(jobs, max_batch=2)
     assert [[j.idx for j in g] for g in groups] == [[0, 1], [2, 3], [4], [5, 6]]
-    assert [[j.idx for j in g] for g in _core._groups(jobs, max_batch=64)] == [[0, 1, 2, 3, 4],
+    assert [[j.idx for j in g] for g in plan.batch_groups(jobs, max_batch=64)] == [[0, 1, 2, 3, 4],
                                                                                 [5, 6]]
     # As few batches as max_batch allows, of near-equal sizes (not 4 + 1).
-    assert [[j.idx for j in g] for g in _core._groups(jobs, max_batch=4)] == [[0, 1, 2], [3, 4],
+    assert [[j.idx for j in g] for g in plan.batch_groups(jobs, max_batch=4)] == [[0, 1, 2], [3, 4],
                                                                                [5, 6]]
 
 
@@ -365,7 +366,7 @@ def test_a_deterministic_error_costs_one_engine_call(base_spec: Any,
     engine = FakeEngine(lambda specs: boom if any(s.seed == 2 for s in specs) else None)
     monkeypatch.setattr("featsweep.engine.run_batch", engine)
     jobs = make_jobs(base_spec, 16)
-    _core._optimize(jobs)
+    run_local.optimize(jobs)
     assert engine.calls == [list(range(16))]  # one call, no halving
     assert all(j.error is boom and j.outcome is None for j in jobs)
 
@@ -375,8 +376,8 @@ def test_a_failed_batch_does_not_stop_the_next_one(base_spec: Any,
     engine = FakeEngine(lambda specs: ValueError("bad") if specs[0].seed == 0 else None)
     monkeypatch.setattr("featsweep.engine.run_batch", engine)
     first, second = make_jobs(base_spec, 4)[:2], make_jobs(base_spec, 4)[2:]
-    _core._optimize(first)
-    _core._optimize(second)
+    run_local.optimize(first)
+    run_local.optimize(second)
     assert [j.error is not None for j in first + second] == [True, True, False, False]
     assert [j.outcome for j in second] == ["outcome of seed 2", "outcome of seed 3"]
 
@@ -390,8 +391,8 @@ def test_out_of_memory_split_keeps_a_diversity_group_whole(base_spec: Any,
     monkeypatch.setattr("featsweep.engine.run_batch", engine)
     jobs = make_jobs(base_spec, 5)
     grouped = {1: "g", 2: "g", 3: "g"}  # jobs 1-3 share a diversity group
-    monkeypatch.setattr(_core, "_diversity_group", lambda job: grouped.get(job.idx))
-    _core._optimize(jobs)
+    monkeypatch.setattr(plan, "_diversity_group", lambda job: grouped.get(job.idx))
+    run_local.optimize(jobs)
     assert engine.calls[0] == [0, 1, 2, 3, 4]
     for call in engine.calls[1:]:  # 1, 2 and 3 are never cut apart
         assert {1, 2, 3} <= set(call) or not {1, 2, 3} & set(call), engine.calls
@@ -407,7 +408,7 @@ def test_out_of_memory_batches_are_split_in_halves(base_spec: Any,
     engine = FakeEngine(fail)
     monkeypatch.setattr("featsweep.engine.run_batch", engine)
     jobs = make_jobs(base_spec, 5)
-    _core._optimize(jobs)
+    run_local.optimize(jobs)
     assert [j.error for j in jobs] == [None] * 5
     assert [j.outcome for j in jobs] == [f"outcome of seed {i}" for i in range(5)]
     assert engine.calls == [[0, 1, 2, 3, 4], [0, 1, 2], [0, 1], [2], [3, 4]]
@@ -416,7 +417,7 @@ def test_out_of_memory_batches_are_split_in_halves(base_spec: Any,
 def test_torch_out_of_memory_error_is_recognised() -> None:
     import torch
 
-    assert _core._is_oom(torch.OutOfMemoryError("CUDA out of memory."))
-    assert _core._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried "
+    assert run_local.is_oom(torch.OutOfMemoryError("CUDA out of memory."))
+    assert run_local.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried "
                                       "... out of memory"))
-    assert not _core._is_oom(ValueError("boom"))
+    assert not run_local.is_oom(ValueError("boom"))

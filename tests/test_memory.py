@@ -20,7 +20,7 @@ import featsweep
 from featsweep import memory
 from featsweep.errors import ConfigError
 from featsweep.spec import from_config
-from hydra_plugins.featsweep_batched_launcher import _core
+from hydra_plugins.featsweep_batched_launcher import _plan as plan
 
 from _cli import run_module
 
@@ -75,12 +75,12 @@ def test_a_batch_over_the_budget_is_split_before_it_starts(monkeypatch: pytest.M
     one = memory.estimate([spec()]).total
     # Room (85% of the budget) for 2 images but not 3.
     monkeypatch.setenv(memory.BUDGET_ENV, str(2.5 * one / memory._SAFETY / 2**20))
-    jobs = [_core._Job(i, [f"seed={i}"], OmegaConf.create({}), dataclasses.replace(spec(), seed=i))
+    jobs = [plan.Job(i, [f"seed={i}"], OmegaConf.create({}), dataclasses.replace(spec(), seed=i))
             for i in range(5)]
     calls = []
     monkeypatch.setattr("featsweep.engine.run_batch",
                         lambda specs, **_: calls.append(len(specs)) or [None] * len(specs))
-    batches = _core._fit_memory([jobs])
+    batches = plan.fit_memory([jobs])
     assert [[j.idx for j in b] for b in batches] == [[0, 1], [2, 3], [4]]
     assert calls == []  # decided before any run
     assert "a batch of 5 images at 32 px would not fit (5 > 2 that fit); running it as " \

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 import featsweep
 from featsweep.artifacts import FILES, read_result
 from featsweep.errors import ConfigError
-from hydra_plugins.featsweep_batched_launcher import _core
+from hydra_plugins.featsweep_batched_launcher import _plan as plan, _run_submitit as run_submitit
 from hydra_plugins.featsweep_batched_launcher.batched_launcher import BatchedLauncher
 
 from _cli import run_module
@@ -139,7 +139,7 @@ def make_launcher(*overrides: str) -> BatchedLauncher:
 def test_batched_slurm_requires_a_partition() -> None:
     launcher = make_launcher("hydra/launcher=batched_slurm")
     with pytest.raises(ConfigError, match="hydra.launcher.partition=NAME"):
-        _core.check_settings(launcher)
+        plan.check_settings(launcher)
 
 
 def test_batched_slurm_settings_reach_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,8 +152,8 @@ def test_batched_slurm_settings_reach_sbatch(tmp_path: Path, monkeypatch: pytest
     launcher = make_launcher("hydra/launcher=batched_slurm", "hydra.launcher.partition=gpu",
                              "hydra.launcher.max_num_timeout=1",
                              "+hydra.launcher.additional_parameters.mail-type=END")
-    _core.check_settings(launcher)
-    executor = _core._executor(launcher)
+    plan.check_settings(launcher)
+    executor = run_submitit.make_executor(launcher)
     script = executor._executor._make_submission_file_text("python -m featsweep_task", "uid")
     for option in ("--partition=gpu", "--gpus-per-task=1", "--cpus-per-task=8", "--mem=64GB",
                    "--time=240", "--nodes=1", "--ntasks-per-node=1", "--signal=USR2@120",
@@ -166,8 +166,8 @@ def test_batched_slurm_settings_reach_sbatch(tmp_path: Path, monkeypatch: pytest
 def test_local_backend_takes_only_what_a_local_task_understands() -> None:
     launcher = make_launcher("hydra/launcher=batched_submitit_local",
                              "hydra.launcher.partition=ignored", "hydra.launcher.timeout_min=7")
-    _core.check_settings(launcher)
-    params = _core._executor(launcher)._executor.parameters
+    plan.check_settings(launcher)
+    params = run_submitit.make_executor(launcher)._executor.parameters
     assert params["timeout_min"] == 7 and params["tasks_per_node"] == 1
     assert "partition" not in params
 

@@ -136,7 +136,7 @@ def test_a_difference_from_hydra_sends_the_group_back_to_hydra(monkeypatch) -> N
 def test_job_dir_is_run_jobs_dir_with_or_without_the_singleton(subdir, needs) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from hydra_plugins.featsweep_batched_launcher._core import _needs_hydra_singleton, _output_dir
+    from hydra_plugins.featsweep_batched_launcher._plan import needs_hydra_singleton, output_dir
 
     with featsweep_conf():
         hydra_loader = GlobalHydra.instance().config_loader()
@@ -147,9 +147,9 @@ def test_job_dir_is_run_jobs_dir_with_or_without_the_singleton(subdir, needs) ->
         with open_dict(cfg):
             cfg.hydra.job.num = 5
             cfg.hydra.job.id = 5
-        assert _needs_hydra_singleton(cfg, "hydra.sweep.subdir") is needs
+        assert needs_hydra_singleton(cfg, "hydra.sweep.subdir") is needs
         before = HydraConfig.instance().cfg
-        ours = _output_dir(cfg)
+        ours = output_dir(cfg)
         assert HydraConfig.instance().cfg is before  # left as it was
         HydraConfig.instance().set_config(cfg)  # what run_job does, then it selects the keys
         expected = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")),

@@ -1,4 +1,4 @@
-"""The Launcher class: Hydra's contract (setup / launch), logic in ``_core``."""
+"""The Launcher class: Hydra's contract (setup / launch); the sweep's logic is in ``sweep``."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ class BatchedLauncher(Launcher):
     """
 
     def __init__(self, max_batch: int = 64, backend: str = "local", dry_run: bool = False,
-                 **submitit: Any) -> None:
+                 run_job: str = "featsweep", **submitit: Any) -> None:
+        from hydra_plugins.featsweep_batched_launcher._job_run import YamlTemplates
+
         self.max_batch = max_batch
         self.backend = backend
         self.dry_run = dry_run
+        self.run_job = run_job
+        self.yaml_files = YamlTemplates()  # the jobs' .hydra/*.yaml, written from templates
         self.submitit: dict[str, Any] = {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in submitit.items()}
@@ -33,9 +37,9 @@ class BatchedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
-        from hydra_plugins.featsweep_batched_launcher import _core, sweep_loader
+        from hydra_plugins.featsweep_batched_launcher import _plan as plan, sweep_loader
 
-        _core.check_settings(self)
+        plan.check_settings(self)
         # Compose each job from its config-group choices once (the sweeper shares this context,
         # so its check of every job is fast too); job configs stay what Hydra composes.
         sweep_loader.install(hydra_context)
@@ -45,6 +49,6 @@ class BatchedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.featsweep_batched_launcher import _core
+        from hydra_plugins.featsweep_batched_launcher import _sweep as sweep
 
-        return _core.launch(self, job_overrides, initial_job_idx)
+        return sweep.launch(self, job_overrides, initial_job_idx)

@@ -24,6 +24,12 @@ class BatchedLauncherConf:
     # List the jobs and their batches (resume decisions included) and stop: nothing is loaded,
     # run or written. `python -m featsweep --dry-run ...` sets it.
     dry_run: bool = False
+    # How each job's Hydra run is done: "featsweep" (the job directory, .hydra/ files, log file
+    # and JobReturn Hydra's run_job gives, without its per-job deep copies of the config) or
+    # "hydra" (Hydra's own run_job for every job, as the basic launcher does; slower). Jobs whose
+    # config calls a resolver that reads Hydra's config singleton (${hydra:...}), and sweeps with
+    # a callback that acts per job (on_job_start/on_job_end), use Hydra's run_job either way.
+    run_job: str = "featsweep"
 
     # ---- submitit settings: used only when backend is submitit_*. Same names and meanings as
     # Hydra's submitit launcher (hydra/launcher=submitit_slurm); one batch = one task = one
