@@ -184,3 +184,15 @@ def test_git_commit_is_this_checkout_or_none() -> None:
     assert commit is None or commit == expected
     if (src.parents[1] / ".git").exists():
         assert commit == expected
+
+
+def test_clear_job_removes_what_a_killed_write_left(tmp_path: Path) -> None:
+    """A process killed inside atomic_write leaves ``.NAME.XXXX.tmp``; a rerun of the job
+    clears it with the job's old files (the chaos test found one left behind)."""
+    from featsweep.artifacts import FILES, clear_job
+
+    names = [*FILES, ".image.png.ab12cd.tmp", ".result.json.zz.tmp", "keep.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    clear_job(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

@@ -120,6 +120,9 @@ def clear_job(job_dir: Path) -> None:
     for name in reversed(FILES):  # RESULT is last in FILES: removed first
         (Path(job_dir) / name).unlink(missing_ok=True)
     (Path(job_dir) / STATE).unlink(missing_ok=True)
+    for name in (*FILES, STATE):  # a process killed inside atomic_write leaves its temp file
+        for tmp in Path(job_dir).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _tensors(value: Any) -> Any:
