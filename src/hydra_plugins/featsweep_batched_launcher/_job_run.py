@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 import os
 import re
 from pathlib import Path
@@ -34,14 +33,13 @@ from hydra.core.utils import (
     JobReturn,
     JobRuntime,
     JobStatus,
+    _flush_loggers,
     configure_log,
     env_override,
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf._utils import get_omega_conf_dumper
-
-log = logging.getLogger(__name__)
 
 RUN_JOB_MODES = ("featsweep", "hydra")
 
@@ -154,7 +152,7 @@ def run_job(config: DictConfig, out: Path, task: Callable[[DictConfig, Path], An
             except Exception as exc:
                 ret.return_value = exc
                 ret.status = JobStatus.FAILED
-        _flush_loggers()
+        _flush_loggers()  # Hydra's own, as its run_job calls it: the job's log file is complete
         return ret
     finally:
         if chdir:
@@ -188,15 +186,6 @@ def _task_name(config: DictConfig) -> str:
         return str(JobRuntime.instance().get("name"))
     except KeyError:
         return str(config.hydra.job.name)
-
-
-def _flush_loggers() -> None:
-    # As run_job does (logging has no public flush-all): the job's log file is complete.
-    for handler in list(logging._handlerList):  # type: ignore[attr-defined]
-        try:
-            handler().flush()  # a weak reference
-        except Exception:
-            pass
 
 
 # ------------------------------------------------------------------------------ YAML files

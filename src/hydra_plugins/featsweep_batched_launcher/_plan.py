@@ -110,7 +110,6 @@ def compose(launcher: "BatchedLauncher", overrides: Sequence[str], idx: int,
     return cfg
 
 
-
 def describe(batch: Sequence[Job]) -> str:
     ids = (f"#{batch[0].idx}-#{batch[-1].idx}" if len(batch) > 1 and [j.idx for j in batch] ==
            list(range(batch[0].idx, batch[-1].idx + 1)) else " ".join(f"#{j.idx}" for j in batch))
@@ -232,7 +231,7 @@ def checkable(launcher: "BatchedLauncher", job: Job) -> "RunSpec":
 def judge_resume(launcher: "BatchedLauncher", jobs: list[Job]) -> None:
     """resume=true: put each earlier result under its job's number (matched by config_hash),
     then judge every job directory; log what is kept, continued, changed and rerun."""
-    from featsweep.jobs import judge
+    from featsweep.jobs import BOOKKEEPING_KEYS, judge, task_config
     from featsweep.sweepdir import arrange, config_diff, old_config
 
     sweep = Path(sweep_dir(launcher))
@@ -256,10 +255,6 @@ def judge_resume(launcher: "BatchedLauncher", jobs: list[Job]) -> None:
             cont.append(job)
         elif verdict.kind == "changed":
             old = old_config(dirs[job.idx])
-            from featsweep.jobs import task_config
-
-            from featsweep.jobs import BOOKKEEPING_KEYS
-
             if old is not None:
                 old = {k: v for k, v in old.items() if k not in BOOKKEEPING_KEYS}
             diff = config_diff(old, task_config(job.config)) if old is not None else ""
@@ -334,7 +329,7 @@ def fit_memory(batches: list[list[Job]]) -> list[list[Job]]:
 
 
 def job_dir(job: Job) -> Path:
-    """The job's directory, resolved once per job (resolving it swaps Hydra's config in)."""
+    """The job's directory, resolved once per job (see :func:`output_dir`)."""
     if job.out is None:
         job.out = output_dir(job.config)
     return job.out
@@ -386,8 +381,6 @@ def output_dir(config: DictConfig) -> Path:
 def sweep_dir(launcher: "BatchedLauncher") -> str:
     assert launcher.config is not None
     return str(Path(str(launcher.config.hydra.sweep.dir)).resolve())
-
-
 
 
 def _diversity_group(job: Job) -> Any:

@@ -36,7 +36,6 @@ _SLURM = ("partition", "qos", "comment", "constraint", "exclude", "gres", "cpus_
 _POLL_S = 0.5  # seconds between checks of running submitit tasks
 
 
-
 class GroupTask:
     """The picklable callable of one submitit task: one batch of jobs, start to finish.
 

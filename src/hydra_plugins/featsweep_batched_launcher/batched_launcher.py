@@ -1,4 +1,4 @@
-"""The Launcher class: Hydra's contract (setup / launch); the sweep's logic is in ``sweep``."""
+"""The Launcher class: Hydra's contract (setup / launch); the sweep's logic is in ``_sweep``."""
 
 from __future__ import annotations
 
