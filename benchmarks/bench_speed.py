@@ -34,6 +34,10 @@ synchronize, at the end of warm-up step W and of step W + steps):
   fft       featsweep batched with the same settings (param=fft, transform=standard, Adam lr
             0.05) at each B of --batches: Lucent's work, per image, in one batch
 
+The featsweep rows run the engine's defaults: channels-last, the FX graph cut, and eval-mode
+BatchNorm and zero padding folded into the convolutions (`--memory-format contiguous` and
+`--fuse-conv off` measure without them); the floors run the network as it is.
+
 Every method runs the same network (`featsweep.models.build_model`: eval mode, parameters
 frozen), each on its own deep copy (Lucent leaves hooks on every module it touches). glibc's
 allocator is tuned for the whole process with `featsweep.engine.tune_cpu_allocator()` (the
@@ -309,7 +313,8 @@ def _spec_config(args: argparse.Namespace, i: int, batched: bool, total: int, lo
                  fft: bool = False, engine: dict | None = None, precision: str | None = None,
                  ) -> dict:
     cfg = _base_config(args, i, batched, total, log_every, fft)
-    cfg["engine"] = {"memory_format": args.memory_format, **(engine or {})}
+    cfg["engine"] = {"memory_format": args.memory_format, "fuse_conv": args.fuse_conv == "on",
+                     **(engine or {})}
     if precision:
         cfg["precision"] = precision
     return cfg
@@ -366,7 +371,8 @@ def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: C
     return {"statuses": status, "log_every": log_every,
             "final_activation_mean": (sum(acts) / len(acts)) if acts else None,
             "final_activations": [o.activation for o in outcomes],
-            "engine": {k: outcomes[0].info.get(k) for k in ("memory_format", "truncation")},
+            "engine": {k: outcomes[0].info.get(k)
+                       for k in ("memory_format", "truncation", "fused_into_conv")},
             "settings": ("Lucent's defaults (fft, decorrelate, sigmoid, standard transforms, "
                          "Adam 0.05)" if fft else
                          "notes' image005 (SGD 0.9, wd 1e-5, box 3, post)" if not batched else
@@ -482,6 +488,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "graphs, bf16: CUDA only)")
     p.add_argument("--memory-format", default="auto", choices=("auto", "channels_last", "contiguous"),
                    help="featsweep rows' engine.memory_format (default auto = channels-last)")
+    p.add_argument("--fuse-conv", default="on", choices=("on", "off"),
+                   help="featsweep rows' engine.fuse_conv (default on: BatchNorm and zero pads "
+                        "folded into the convolutions)")
     p.add_argument("--threads", type=int,
                    help="torch.set_num_threads for the whole run (default: torch's own)")
     p.add_argument("--quick", action="store_true",

@@ -130,3 +130,104 @@ class TestCompiledStep:
             run(spec(**{"engine.compile": True, "target.relu_gradient": "redirect"}))
         with pytest.raises(ConfigError, match=r"engine\.cuda_graphs=True.*CUDA device"):
             run(spec(**{"engine.cuda_graphs": True}))
+
+
+class _ConvBN(torch.nn.Module):
+    """conv → BN → ReLU twice, in both forms a network writes them (an ``nn.Conv2d`` module and
+    ``F.conv2d`` on its own weight, after a symmetric ``F.pad``), then an asymmetric zero pad
+    and a BN left in training mode (neither foldable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.weight2 = torch.nn.Parameter(torch.randn(8, 8, 3, 3, generator=g) * 0.2)
+        self.bn2 = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.pad3 = torch.nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv3 = torch.nn.Conv2d(8, 8, 2, stride=2, bias=False)
+        self.bn3 = torch.nn.BatchNorm2d(8)
+        for bn in (self.bn1, self.bn2, self.bn3):  # running statistics far from (0, 1)
+            bn.running_mean.copy_(torch.randn(8, generator=g))
+            bn.running_var.copy_(torch.rand(8, generator=g) * 3 + 0.1)
+            bn.weight.data.copy_(torch.randn(8, generator=g))
+            bn.bias.data.copy_(torch.randn(8, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        x = torch.relu(self.bn2(torch.nn.functional.conv2d(x, self.weight2, None, 1, 0)))
+        return self.bn3(self.conv3(self.pad3(x)))
+
+
+class TestBatchNormFolding:
+    def _readers(self, net: torch.nn.Module, targets: list, size: int) -> tuple:
+        order = [i.name for i in probe_layers(net, size)]
+        probe = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        folded = graph_reader(net, targets, order, probe, fuse_conv=True)
+        assert isinstance(folded, GraphReader)
+        return folded, LayerReader(net, targets, order)
+
+    def test_conv_bn_pairs_fold_and_agree(self) -> None:
+        net = _ConvBN().eval()
+        net.bn3.train()  # a training-mode BN normalizes by the batch: not foldable
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        targets = [("bn2", "post"), ("bn1", "post"), ("bn3", "post")]
+        folded, hooks = self._readers(net, targets, 16)
+        assert folded.fused == {"batchnorm": 2, "zero_pad": 1}
+        kinds = [type(dict(folded.module.named_modules())[str(n.target)]).__name__
+                 for n in folded.module.graph.nodes if n.op == "call_module"]
+        assert sorted(kinds) == ["BatchNorm2d", "Conv2d", "ZeroPad2d"]  # bn3, conv3, pad3
+        assert not any(n.target is torch.nn.functional.pad for n in folded.module.graph.nodes)
+        x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got, want = folded(x), hooks(x)
+        for t in targets:
+            scale = float(want[t].abs().max())
+            assert float((got[t] - want[t]).abs().max()) <= 1e-5 * scale, t
+        # the user's network keeps its own weights and statistics (bn3's running statistics
+        # move with every forward in training mode, hooks or graph: not the folding's doing)
+        for k, v in net.state_dict().items():
+            assert k.startswith("bn3.") or torch.equal(v, before[k]), k
+
+    def test_efficientnet_folds_all_but_a_target_conv(self) -> None:
+        net = build_model(spec(**{"model.name": "efficientnet_lite0",
+                                  "model.weights": "pretrained"}).model)
+        targets = [("_blocks.10", "post"), ("_blocks.8._bn1", "pre"),
+                   ("_blocks.4._depthwise_conv", "post")]
+        folded, hooks = self._readers(net, targets, 48)
+        plain = graph_reader(net, targets, [i.name for i in probe_layers(net, 48)],
+                             torch.rand(1, 3, 48, 48))
+        n_bn = sum(1 for n in plain.module.graph.nodes if n.op == "call_module"
+                   and isinstance(dict(net.named_modules()).get(str(n.target)), torch.nn.BatchNorm2d))
+        # _blocks.4._bn1 reads a conv that is a target itself
+        assert folded.fused["batchnorm"] == n_bn - 1
+        pads = [n for n in folded.module.graph.nodes if n.op == "call_module"
+                and isinstance(dict(net.named_modules()).get(str(n.target)), torch.nn.ZeroPad2d)]
+        # what stays are TensorFlow's asymmetric "same" pads of the stride-2 convolutions
+        assert pads and folded.fused["zero_pad"] > 0
+        assert all(len(set(dict(net.named_modules())[str(n.target)].padding)) > 1 for n in pads)
+        x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            got, want = folded(x), hooks(x)
+        for t in targets:
+            assert float((got[t] - want[t]).abs().max()) <= 1e-5 * float(want[t].abs().max()), t
+        assert float(got[targets[1]].min()) < 0  # still the pre-ReLU tensor
+
+    @pytest.mark.parametrize("steps, changes", [(1, {}), (5, {"regularizer.clamp": False})],
+                             ids=["notes-1-step", "no-clamp-5-steps"])
+    def test_short_run_equals_unfolded(self, steps: int, changes: dict) -> None:
+        """engine.fuse_conv (default on) on EfficientNet: the unfolded images to rounding; the
+        result records how many BatchNorms and pads were folded. With the clamp on, 2 steps already
+        differ by 2e-5: a pixel at the clamp's edge lands on either side, as it does between
+        the two memory layouts without folding (measured; DESIGN's chaos pitfall)."""
+        changes = {"model.name": "efficientnet_lite0", "model.weights": "pretrained",
+                   "target.layer": "_blocks.4", "target.channel": 3, "image.size": 48,
+                   "steps": steps, **changes}
+        (a,) = run(spec(**changes))
+        (b,) = run(spec(**changes, **{"engine.fuse_conv": False}))
+        assert a.info["fused_into_conv"]["batchnorm"] > 0 and a.info["fused_into_conv"]["zero_pad"] > 0
+        assert b.info["fused_into_conv"] == {"batchnorm": 0, "zero_pad": 0}
+        np.testing.assert_allclose(a.pixels, b.pixels, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a.trace, b.trace, rtol=1e-5, atol=0)
+        assert spec().batch_key() != spec(**{"engine.fuse_conv": False}).batch_key()

@@ -346,6 +346,7 @@ class EngineSpec:
     truncate: str = "auto"  # auto: FX graph cut (featsweep.graph) where it traces, else hooks
     compile: bool = False  # torch.compile(fullgraph=True) of the step
     cuda_graphs: bool = False  # CUDA only: capture the step once, replay it
+    fuse_conv: bool = True  # graph cut: eval-mode BatchNorm2d and zero pads folded into convs
 
 
 @dataclass(frozen=True)
@@ -622,7 +623,8 @@ def _engine(cfg: Mapping[str, Any]) -> EngineSpec:
                               MEMORY_FORMATS),
         truncate=_choice("engine.truncate", _get(cfg, "engine.truncate", "auto"), TRUNCATIONS),
         compile=_flag("engine.compile", _get(cfg, "engine.compile", False)),
-        cuda_graphs=_flag("engine.cuda_graphs", _get(cfg, "engine.cuda_graphs", False)))
+        cuda_graphs=_flag("engine.cuda_graphs", _get(cfg, "engine.cuda_graphs", False)),
+        fuse_conv=_flag("engine.fuse_conv", _get(cfg, "engine.fuse_conv", True)))
 
 
 def _optional_int(key: str, value: Any, low: int = 0) -> int | None:
