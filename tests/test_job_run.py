@@ -77,3 +77,70 @@ def test_job_directories_equal_hydras_run_job(tmp_path: Path) -> None:
                            .replace(str(tmp_path / "ff"), "X") for line in p.read_text().splitlines()]
         assert strip(a / "featsweep.log") == strip(b / "featsweep.log")
         assert (a / "image.npy").read_bytes() == (b / "image.npy").read_bytes()
+
+
+def _job_logging_config(tmp_path: Path, **changes: object) -> object:
+    from hydra import compose
+    from omegaconf import open_dict, read_write
+
+    from _hydra import featsweep_conf
+
+    with featsweep_conf():
+        cfg = compose("config", return_hydra_config=True)
+    with read_write(cfg), open_dict(cfg):
+        cfg.hydra.job.name = "featsweep"
+        for key, value in changes.items():
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_job_logging_reopens_the_file_and_rebuilds_on_any_other_change(tmp_path: Path) -> None:
+    """JobLogging: consecutive jobs that differ only in their log file's path keep the same
+    handlers, each line lands in its own job's file; another format, disable_existing_loggers
+    or logging reconfigured in between gives a fresh configuration (Hydra's configure_log)."""
+    import logging
+
+    from hydra_plugins.featsweep_batched_launcher._job_run import JobLogging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    cfg = _job_logging_config(tmp_path)
+    logging_ = JobLogging()
+    try:
+        seen = []
+        for name, fmt, dis in [("a", None, False), ("b", None, False), ("c", "%(message)s!", False),
+                               ("d", None, True), ("e", None, True)]:
+            (tmp_path / name).mkdir()
+            changes = {"hydra.runtime.output_dir": str(tmp_path / name),
+                       "hydra.job_logging.disable_existing_loggers": dis}
+            if fmt:
+                changes["hydra.job_logging.formatters.simple.format"] = fmt
+            for key, value in changes.items():
+                OmegaConf.update(cfg, key, value, force_add=True)
+            logging_.configure(cfg)
+            seen.append(list(root.handlers))
+            root.info(f"line of job {name}")  # the root: disable_existing_loggers leaves it on
+            if fmt:
+                OmegaConf.update(cfg, "hydra.job_logging.formatters.simple.format",
+                                 "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        for h in root.handlers:
+            h.flush()
+        for name in "abcde":
+            text = (tmp_path / name / "featsweep.log").read_text()
+            assert text.count("line of job") == 1 and f"line of job {name}" in text, name
+        assert (tmp_path / "c" / "featsweep.log").read_text() == "line of job c!\n"
+        same = [seen[i][0] is seen[i - 1][0] for i in range(1, 5)]
+        assert same == [True, False, False, False]  # a -> b reused; c (format), d, e (disable) new
+        # logging reconfigured by someone else: a new configuration, not a stale handler
+        OmegaConf.update(cfg, "hydra.runtime.output_dir", str(tmp_path / "a"))
+        OmegaConf.update(cfg, "hydra.job_logging.disable_existing_loggers", False)
+        logging_.configure(cfg)
+        kept = list(root.handlers)
+        logging.basicConfig(force=True)
+        logging_.configure(cfg)
+        assert root.handlers[0] is not kept[0]
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

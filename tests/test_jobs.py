@@ -93,3 +93,33 @@ def test_a_saved_state_round_trips_with_arrays_and_tensors(tmp_path: Path) -> No
     assert torch.equal(back["optimizer"]["buf"], torch.ones(2))
     (tmp_path / "state.pt").write_bytes(b"truncated")
     assert read_state(tmp_path) is None  # unreadable: the job starts again from step 0
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["optimizer=adam", "blur.k=5", "seed=3"], ["experiment=claims"],
+    ["param=fft", "transform=standard", "regularizer.tv=0.05"], ["model=tiny", "target.layer=block2"],
+    ["+model.note='${seed}'"], ["+extra=${steps}"], ["target.layer=${model.name}"],
+], ids=["default", "sweep", "claims", "fft", "tiny", "nested-interp", "top-interp", "leaf-interp"])
+def test_plain_task_config_is_the_resolved_copy_or_none(overrides: list[str]) -> None:
+    """The launcher's cheap read of a job's settings (one plain copy for its spec and its
+    fingerprint) equals Hydra's resolved copy without the bookkeeping keys, and gives up (None:
+    the slow path decides) when any value interpolates."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from featsweep.artifacts import config_hash as digest_of
+    from featsweep.jobs import BOOKKEEPING_KEYS, config_hash, plain_task_config
+    from featsweep.spec import from_config
+
+    from _hydra import featsweep_conf
+
+    with featsweep_conf():
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    plain = plain_task_config(cfg)
+    if any("${" in o for o in overrides):
+        assert plain is None
+        return
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in BOOKKEEPING_KEYS])
+    assert plain == OmegaConf.to_container(body, resolve=True)
+    assert digest_of(plain) == config_hash(cfg)
+    assert from_config(plain) == from_config(cfg)

@@ -203,6 +203,33 @@ def test_writes_are_durable_file_then_directory(tmp_path: Path,
     assert synced == ["file", "dir"]  # the data, then the rename in its directory
 
 
+def test_a_job_is_durable_with_one_directory_sync_after_every_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_job: each file's data is synced before its rename, and the directory once, after
+    result.json's rename, which makes every rename of the job durable (result.json marks the
+    job complete, so nothing it describes may be lost when it is not)."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename " + Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_job(tmp_path, outcome("ok"), {"config_hash": "abc"})
+    renames = [e for e in events if e.startswith("rename")]
+    assert renames[-1] == "rename result.json" and len(renames) == 5
+    assert events[-1] == "dir" and events.count("dir") == 1
+    for i, e in enumerate(events):
+        if e.startswith("rename"):
+            assert events[i - 1] == "file", events  # its data first
+
+
 # ------------------------------------------------------------------------------ end to end
 
 

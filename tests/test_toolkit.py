@@ -309,7 +309,10 @@ class TestRedirectedReLU:
                                     spec(**dead, **first_two, steps=2),
                                     spec(**dead, **redirect, steps=4),
                                     spec(**dead, **first_two, steps=4))
-        assert plain.activation == 0.0 and np.array_equal(plain.pixels, run(spec(**dead, steps=1))[0].pixels)
+        # a dead channel without redirect never moves its image (compared run alone against run
+        # alone: the FFT's rounding depends on the batch size on some CPUs, MKL on Intel here)
+        assert plain.activation == 0.0
+        assert np.array_equal(run(spec(**dead, steps=4))[0].pixels, run(spec(**dead, steps=1))[0].pixels)
         assert np.array_equal(b2.pixels, c2.pixels)
         assert not np.array_equal(b4.pixels, c4.pixels)
         assert not np.array_equal(c4.pixels, plain.pixels)

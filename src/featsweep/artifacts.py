@@ -2,7 +2,8 @@
 
 Every file goes to a temporary name in the same directory and is renamed into place, so a reader
 never sees half a file and a crash leaves either the old file or the new one; the file and then
-its directory are fsync'ed, so a finished job also survives a power cut. result.json is
+its directory are fsync'ed (a job's directory once, with result.json), so a finished job also
+survives a power cut. result.json is
 written last: its presence marks a finished job (Hydra's own ``.hydra/*.yaml`` are Hydra's and
 are written by Hydra, not through here).
 
@@ -62,9 +63,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None], *,
+                 sync_dir: bool = True) -> None:
     """Write `path` through `write(file)` into a temporary sibling, fsync it, rename it into place,
-    then fsync the directory (the rename itself is durable only once the directory is)."""
+    then fsync the directory (the rename itself is durable only once the directory is).
+    ``sync_dir=False`` leaves the directory to a later write's fsync (one fsync of a directory
+    makes all its renames so far durable): for files written before the one that marks them
+    complete."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -77,7 +82,8 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def stretch(img: np.ndarray) -> np.ndarray:
@@ -177,15 +183,17 @@ def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None =
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / RESULT).unlink(missing_ok=True)  # an old result never describes the new files
-    atomic_write(job_dir / "image.png", _png(stretch(outcome.optimized)))
-    atomic_write(job_dir / "before_blur.png", _png(stretch(outcome.before_blur)))
-    atomic_write(job_dir / "image.npy", lambda f: np.save(f, outcome.pixels.astype(np.float32)))
+    # The directory is fsync'ed once, by result.json's write: it makes these renames durable too.
+    atomic_write(job_dir / "image.png", _png(stretch(outcome.optimized)), sync_dir=False)
+    atomic_write(job_dir / "before_blur.png", _png(stretch(outcome.before_blur)), sync_dir=False)
+    atomic_write(job_dir / "image.npy", lambda f: np.save(f, outcome.pixels.astype(np.float32)),
+                 sync_dir=False)
 
     def trace_csv(f: io.BufferedWriter) -> None:
         lines = ["step,activation"] + [f"{int(s)},{a:.9g}" for s, a in outcome.trace]
         f.write(("\n".join(lines) + "\n").encode())
 
-    atomic_write(job_dir / "trace.csv", trace_csv)
+    atomic_write(job_dir / "trace.csv", trace_csv, sync_dir=False)
     result = {
         "status": outcome.status,
         "activation": _finite_or_none(outcome.activation),

@@ -3,8 +3,8 @@
 ``targets.LayerReader`` stops the forward with an exception raised in a hook and finds pre-ReLU
 tensors with a ``TorchFunctionMode``: correct for any network, but neither can be captured by
 ``torch.compile(fullgraph=True)`` or a CUDA graph. :func:`graph_reader` builds the same reader as
-one ``torch.fx.GraphModule`` instead (torchvision's ``NodePathTracer`` names every node by its
-module path):
+one ``torch.fx.GraphModule`` instead (torch.fx records the modules each node was traced in,
+``node.meta["nn_module_stack"]``, which names every node by its module path):
 
 - a module's output is the last node inside that module's path (``layer`` or ``layer.*``);
 - its pre-ReLU tensor is the input of that node when the node is a ReLU / ReLU6 /
@@ -114,6 +114,16 @@ def _pre_relu(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module]) -> 
         with graph.inserting_after(node):
             return graph.call_function(torch.cat, (pre, dim))
     return None
+
+
+def _module_path(node: fx.Node) -> str:
+    """The innermost module `node` was traced in ("" at the top level). torchvision's
+    ``NodePathTracer`` gives the same paths, but importing it imports ``torch._dynamo``: ~1 s
+    of every run's start-up."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return str(node.target) if node.op == "call_module" else ""
+    return next(reversed(stack.values()))[0]
 
 
 def _output_node(nodes: list[fx.Node], names: dict[fx.Node, str], layer: str) -> fx.Node | None:
@@ -258,11 +268,9 @@ def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[st
 
 def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
            fuse_conv: bool = False) -> GraphReader | None:
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    tracer = NodePathTracer()
+    tracer = fx.Tracer()
     graph = tracer.trace(model)
-    names = dict(tracer.node_to_qualname)
+    names = {n: _module_path(n) for n in graph.nodes}
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     found = {t: _output_node(nodes, names, t[0]) for t in targets}

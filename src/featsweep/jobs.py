@@ -135,6 +135,9 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
     """A job's resolved config as plain containers, without the bookkeeping keys. Hydra's own
     node is dropped before resolving, exactly as Hydra hands the config to the task, so the
     launcher and the task agree."""
+    plain = plain_task_config(cfg)
+    if plain is not None:
+        return plain
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in BOOKKEEPING_KEYS])
     try:
         container = OmegaConf.to_container(body, resolve=True)
@@ -142,6 +145,31 @@ def task_config(cfg: DictConfig) -> dict[str, Any]:
         container = OmegaConf.to_container(body, resolve=False)
     assert isinstance(container, dict)
     return container  # type: ignore[return-value]
+
+
+def plain_task_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """:func:`task_config` for a config with no interpolation outside the bookkeeping keys (the
+    usual case: featsweep's own config has none), read without copying the config; None when
+    there is one (resolving it without Hydra's node is what decides its value then)."""
+    out: dict[str, Any] = {}
+    for key in cfg:
+        if key in BOOKKEEPING_KEYS:
+            continue
+        if OmegaConf.is_interpolation(cfg, key) or OmegaConf.is_missing(cfg, key):
+            return None
+        value = cfg[key]
+        out[str(key)] = OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
+    return None if _has_interpolation(out) else out
+
+
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_has_interpolation(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_interpolation(v) for v in value)
+    return False
 
 
 def config_hash(cfg: DictConfig) -> str:

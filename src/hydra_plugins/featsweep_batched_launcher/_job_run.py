@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -111,8 +112,77 @@ def set_output_dir(config: DictConfig, out: Path) -> None:
     OmegaConf.set_readonly(config.hydra, True)
 
 
+class JobLogging:
+    """``configure_log(hydra.job_logging, hydra.verbose)`` for job after job, at the cost of
+    reopening the log file when only its path changed.
+
+    Hydra's ``configure_log`` builds every handler and formatter again from the config for each
+    job (~2 ms). Consecutive jobs of a sweep differ only in the log file's path
+    (``${hydra.runtime.output_dir}/...``), so when the previous call configured the logging
+    that is still in place (the root logger holds the same handlers) from the same config up to
+    the file names, the root's ``logging.FileHandler`` s are pointed at the new files instead:
+    the same handlers, formatters and levels a new configuration would give. Any other case
+    (another config or verbosity, ``disable_existing_loggers: true``, handlers on other loggers,
+    an interpolation outside ``filename``, logging reconfigured in between) goes through
+    Hydra's ``configure_log``.
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._root: list[logging.Handler] = []
+        self._files: dict[str, logging.FileHandler] = {}
+
+    def __getstate__(self) -> dict:  # a submitit task gets the launcher: open files stay here
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def configure(self, config: DictConfig) -> None:
+        log_config, verbose = config.hydra.job_logging, config.hydra.verbose
+        key = _logging_key(log_config, verbose)
+        root = logging.getLogger()
+        if key is not None and key == self._key and root.handlers == self._root:
+            for name, handler in self._files.items():
+                path = os.path.abspath(str(OmegaConf.select(log_config, f"handlers.{name}.filename")))
+                if path != handler.baseFilename:
+                    stream = open(path, handler.mode, encoding=handler.encoding,
+                                  errors=handler.errors)
+                    handler.baseFilename = path
+                    old = handler.setStream(stream)  # flushes the old file
+                    if old is not None:
+                        old.close()
+            return
+        configure_log(log_config, verbose)
+        self._key, self._root = key, list(root.handlers)
+        self._files = {str(h.name): h for h in root.handlers if type(h) is logging.FileHandler}
+
+
+def _logging_key(log_config: DictConfig | None, verbose: Any) -> str | None:
+    """The job logging config as text without the file names, when :class:`JobLogging` may
+    reuse a configuration made from it; else None."""
+    if log_config is None:
+        return None
+    raw = OmegaConf.to_container(log_config, resolve=False)
+    assert isinstance(raw, dict)
+    root = raw.get("root")
+    handlers = raw.get("handlers") or {}
+    if (not isinstance(root, dict) or raw.get("disable_existing_loggers", True) is not False
+            or raw.get("incremental") or any(v.get("handlers") for v in (raw.get("loggers") or {}).values())
+            or set(handlers) != set(root.get("handlers") or [])):
+        return None
+    for name, handler in handlers.items():
+        if handler.get("class") == "logging.FileHandler":
+            handler = dict(handler)
+            handler.pop("filename", None)
+            handlers[name] = handler
+    text = repr((raw, OmegaConf.to_container(verbose) if OmegaConf.is_config(verbose) else verbose))
+    return None if "${" in text else text
+
+
 def run_job(config: DictConfig, out: Path, task: Callable[[DictConfig, Path], Any],
-            yaml_files: "YamlTemplates") -> LazyJobReturn | None:
+            yaml_files: "YamlTemplates", job_logging: JobLogging | None = None
+            ) -> LazyJobReturn | None:
     """Run `task(config, out)` as job `config` in directory `out` (absolute), the way Hydra's
     ``run_job`` runs a task (module docstring); return its JobReturn. The task gets the whole
     job config (``hydra`` included) and its directory, and never needs ``HydraConfig``.
@@ -132,7 +202,10 @@ def run_job(config: DictConfig, out: Path, task: Callable[[DictConfig, Path], An
     try:
         if chdir:
             os.chdir(out)
-        configure_log(config.hydra.job_logging, config.hydra.verbose)
+        if job_logging is None:
+            configure_log(config.hydra.job_logging, config.hydra.verbose)
+        else:
+            job_logging.configure(config)
         if config.hydra.output_subdir is not None:
             hydra_output = out / str(config.hydra.output_subdir)
             hydra_output.mkdir(parents=True, exist_ok=True)

@@ -170,23 +170,27 @@ def prepare(launcher: "BatchedLauncher", jobs: list[Job]) -> list[list[Job]]:
     """Specs, config fingerprints and resume decisions for every job; then the model checks
     and the memory check for the jobs that will run. Every user error of every job is raised
     at once, before any optimization. Returns the batches to run, in order."""
+    from featsweep.artifacts import config_hash as digest_of
     from featsweep.errors import UserError
-    from featsweep.jobs import Verdict, any_version, config_hash, resume_requested
+    from featsweep.jobs import Verdict, any_version, config_hash, plain_task_config, resume_requested
     from featsweep.search import check as check_search
     from featsweep.spec import from_config
 
     problems: list[tuple[str, Job]] = []
     resume = False
     for job in jobs:
+        # One plain copy of the job's settings for its spec and its fingerprint (reading a
+        # DictConfig key by key costs ~10x more); a config with interpolations is read as is.
+        body = plain_task_config(job.config)
         try:
-            job.spec = from_config(job.config)
+            job.spec = from_config(job.config if body is None else body)
             check_search(job.config)  # optimized_metric: the value returned to the sweeper
             resume = resume_requested(job.config) or resume
             job.any_version = any_version(job.config)
         except UserError as exc:
             problems.append((str(exc), job))
             continue
-        job.digest = config_hash(job.config)
+        job.digest = config_hash(job.config) if body is None else digest_of(body)
     if problems:
         raise problem_report(problems)
     from featsweep.spec import check_batch_groups

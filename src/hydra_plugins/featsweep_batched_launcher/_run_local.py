@@ -49,14 +49,17 @@ def run_hydra_job(launcher: "BatchedLauncher", job: Job, task: Callable[[DictCon
 
 
 def write_job(launcher: "BatchedLauncher", job: Job) -> JobReturn:
-    """Write `job`'s outcome (or error) inside its Hydra job run (module docstring)."""
+    """Write `job`'s outcome (or error) inside its Hydra job run (module docstring). Through
+    featsweep's run_job the job's logging stays configured afterwards (the next job of the
+    batch reuses it: ``job_run.JobLogging``); :func:`run_batch` gives Hydra's logging back
+    once its jobs are written."""
     assert launcher.config is not None
     ret = None
     if launcher.run_job == "featsweep" and not job_run.per_job_callbacks(launcher.hydra_context):
-        ret = job_run.run_job(job.config, job_dir(job), writer(job), launcher.yaml_files)
+        ret = job_run.run_job(job.config, job_dir(job), writer(job), launcher.yaml_files,
+                              launcher.job_logging)
     if ret is None:  # Hydra's run_job was asked for, or the job needs Hydra's config singleton
         return run_hydra_job(launcher, job, writer(job))
-    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     return ret
 
 
@@ -119,12 +122,16 @@ def run_batch(launcher: "BatchedLauncher", jobs: list[Job],
     if ready:
         optimize(ready, should_stop)
     returns = []
-    for job in jobs:
-        if job.role == "companion":
-            returns.append(kept_return(job))
-        else:
-            returns.append(write_job(launcher, job))
-        job.outcome = job.state = None  # written: don't hold images and state for the sweep
+    try:
+        for job in jobs:
+            if job.role == "companion":
+                returns.append(kept_return(job))
+            else:
+                returns.append(write_job(launcher, job))
+            job.outcome = job.state = None  # written: don't hold images and state for the sweep
+    finally:
+        assert launcher.config is not None
+        configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
     return returns
 
 

@@ -21,13 +21,14 @@ class BatchedLauncher(Launcher):
 
     def __init__(self, max_batch: int = 64, backend: str = "local", dry_run: bool = False,
                  run_job: str = "featsweep", **submitit: Any) -> None:
-        from hydra_plugins.featsweep_batched_launcher._job_run import YamlTemplates
+        from hydra_plugins.featsweep_batched_launcher._job_run import JobLogging, YamlTemplates
 
         self.max_batch = max_batch
         self.backend = backend
         self.dry_run = dry_run
         self.run_job = run_job
         self.yaml_files = YamlTemplates()  # the jobs' .hydra/*.yaml, written from templates
+        self.job_logging = JobLogging()  # the jobs' logging, reopened at each job's log file
         self.submitit: dict[str, Any] = {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in submitit.items()}
