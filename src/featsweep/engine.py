@@ -678,18 +678,20 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                   "trace_stride": stride,
                   "memory_format": "channels_last" if layout == torch.channels_last else "contiguous",
                   "truncation": "graph" if not isinstance(forwards[0][1], LayerReader) else "hooks",
-                  "fused_into_conv": _fused(forwards)},
+                  **_fused(forwards)},
             state=state,
         ))
     return outcomes
 
 
 def _fused(forwards: list) -> dict[str, int]:
-    """How many BatchNorms and zero paddings the batch's graph readers folded into convs."""
-    out = {"batchnorm": 0, "zero_pad": 0}
+    """result.json's ``fused_batchnorms`` / ``fused_zero_pads``: how many the batch's graph
+    readers folded into convolutions (engine.fuse_conv)."""
+    out = {"fused_batchnorms": 0, "fused_zero_pads": 0}
     for f in forwards:
-        for k, n in getattr(f[1], "fused", {}).items():
-            out[k] += n
+        fused = getattr(f[1], "fused", {})
+        out["fused_batchnorms"] += fused.get("batchnorm", 0)
+        out["fused_zero_pads"] += fused.get("zero_pad", 0)
     return out
 
 
