@@ -131,7 +131,7 @@ def test_a_difference_from_hydra_sends_the_group_back_to_hydra(monkeypatch) -> N
     (None, False),                                # Hydra's default: ${hydra.job.num}
     ("run_${seed}_${hydra.job.num}", False),
     ("${hydra:job.num}_x", True),                 # the resolver reads Hydra's singleton
-    ("${oc.env:FEATSWEEP_TEST_SUBDIR,none}", True),
+    ("${oc.env:FEATSWEEP_TEST_SUBDIR,none}", False),  # OmegaConf's own: never the singleton
 ])
 def test_job_dir_is_run_jobs_dir_with_or_without_the_singleton(subdir, needs) -> None:
     from hydra.core.hydra_config import HydraConfig

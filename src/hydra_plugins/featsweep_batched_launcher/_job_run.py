@@ -236,10 +236,16 @@ def run_job(config: DictConfig, out: Path, task: Callable[[DictConfig, Path], An
 _RESOLVER = re.compile(r"\$\{\s*([\w.]+)\s*:")
 
 
+def may_read_singleton(resolver: str) -> bool:
+    """Whether the resolver named `resolver` may read Hydra's ``HydraConfig`` (``hydra``, or any
+    of the user's); ``now`` (cached from the sweep's start) and OmegaConf's own ``oc.*`` never
+    do. The one rule for :func:`reads_singleton` and ``_plan.needs_hydra_singleton``."""
+    return resolver != "now" and not resolver.startswith("oc.")
+
+
 def reads_singleton(container: Any) -> bool:
-    """Whether a config (as plain containers, unresolved) calls a resolver that may read
-    Hydra's ``HydraConfig`` (``${hydra:...}``, or any of the user's); ``now`` (cached from the
-    sweep's start) and OmegaConf's own ``oc.*`` never do."""
+    """Whether a config (as plain containers, unresolved) calls a resolver that
+    :func:`may_read_singleton`."""
     stack = [container]
     while stack:
         node = stack.pop()
@@ -248,8 +254,7 @@ def reads_singleton(container: Any) -> bool:
         elif isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, str) and "${" in node:
-            if any(name != "now" and not name.startswith("oc.")
-                   for name in _RESOLVER.findall(node)):
+            if any(may_read_singleton(name) for name in _RESOLVER.findall(node)):
                 return True
     return False
 

@@ -345,7 +345,10 @@ _INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
 def needs_hydra_singleton(config: DictConfig, key: str, depth: int = 0) -> bool:
     """Whether resolving ``key`` may reach the ``${hydra:...}`` resolver, which reads Hydra's
     singleton rather than ``config`` (so it must hold this job's config). Plain interpolations
-    are followed; any resolver but ``now`` (cached from the sweep's start) counts as yes."""
+    are followed; a resolver counts as yes when ``_job_run.may_read_singleton`` says so (any
+    but ``now`` and OmegaConf's ``oc.*``)."""
+    from hydra_plugins.featsweep_batched_launcher._job_run import may_read_singleton
+
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     if not isinstance(node, DictConfig) or depth > 8:
@@ -355,7 +358,7 @@ def needs_hydra_singleton(config: DictConfig, key: str, depth: int = 0) -> bool:
         return True
     for ref in _INTERPOLATION.findall(raw) if isinstance(raw, str) else ():
         if ":" in ref:
-            if not ref.startswith("now:"):
+            if may_read_singleton(ref.split(":", 1)[0].strip()):
                 return True
         elif ref.startswith(".") or needs_hydra_singleton(config, ref, depth + 1):
             return True
