@@ -147,8 +147,9 @@ class TestCompiledStep:
 
 class _ConvBN(torch.nn.Module):
     """conv → BN → ReLU twice, in both forms a network writes them (an ``nn.Conv2d`` module and
-    ``F.conv2d`` on its own weight, after a symmetric ``F.pad``), then an asymmetric zero pad
-    and a BN left in training mode (neither foldable)."""
+    ``F.conv2d`` on its own weight, after a symmetric ``F.pad``), a depthwise stride-2 conv after
+    TensorFlow's asymmetric "same" pad (foldable on the CPU), then an asymmetric pad before a
+    dense conv and a BN left in training mode (neither foldable)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -157,6 +158,7 @@ class _ConvBN(torch.nn.Module):
         self.bn1 = torch.nn.BatchNorm2d(8)
         self.weight2 = torch.nn.Parameter(torch.randn(8, 8, 3, 3, generator=g) * 0.2)
         self.bn2 = torch.nn.BatchNorm2d(8, eps=1e-3)
+        self.depthwise = torch.nn.Parameter(torch.randn(8, 1, 3, 3, generator=g))
         self.pad3 = torch.nn.ZeroPad2d((0, 1, 0, 1))
         self.conv3 = torch.nn.Conv2d(8, 8, 2, stride=2, bias=False)
         self.bn3 = torch.nn.BatchNorm2d(8)
@@ -170,6 +172,8 @@ class _ConvBN(torch.nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.nn.functional.pad(x, (1, 1, 1, 1))
         x = torch.relu(self.bn2(torch.nn.functional.conv2d(x, self.weight2, None, 1, 0)))
+        x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        x = torch.nn.functional.conv2d(x, self.depthwise, None, 2, 0, 1, 8)
         return self.bn3(self.conv3(self.pad3(x)))
 
 
@@ -187,7 +191,7 @@ class TestBatchNormFolding:
         before = {k: v.clone() for k, v in net.state_dict().items()}
         targets = [("bn2", "post"), ("bn1", "post"), ("bn3", "post")]
         folded, hooks = self._readers(net, targets, 16)
-        assert folded.fused == {"batchnorm": 2, "zero_pad": 1}
+        assert folded.fused == {"batchnorm": 2, "zero_pad": 2}
         kinds = [type(dict(folded.module.named_modules())[str(n.target)]).__name__
                  for n in folded.module.graph.nodes if n.op == "call_module"]
         assert sorted(kinds) == ["BatchNorm2d", "Conv2d", "ZeroPad2d"]  # bn3, conv3, pad3
@@ -217,9 +221,9 @@ class TestBatchNormFolding:
         assert folded.fused["batchnorm"] == n_bn - 1
         pads = [n for n in folded.module.graph.nodes if n.op == "call_module"
                 and isinstance(dict(net.named_modules()).get(str(n.target)), torch.nn.ZeroPad2d)]
-        # what stays are TensorFlow's asymmetric "same" pads of the stride-2 convolutions
-        assert pads and folded.fused["zero_pad"] > 0
-        assert all(len(set(dict(net.named_modules())[str(n.target)].padding)) > 1 for n in pads)
+        # what stays is the stem's: TensorFlow's asymmetric "same" pad before a dense conv
+        assert [str(n.target) for n in pads] == ["_conv_stem.static_padding"]
+        assert folded.fused["zero_pad"] > 0
         x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             got, want = folded(x), hooks(x)
