@@ -207,6 +207,48 @@ class TestBatchNormFolding:
         for k, v in net.state_dict().items():
             assert k.startswith("bn3.") or torch.equal(v, before[k]), k
 
+    def test_the_cache_follows_the_model_and_its_weights(self) -> None:
+        """A folded reader holds copies of the weights: new weights (load_state_dict), another
+        mode or another model give a new reader that agrees with the hooks, never an old one;
+        and the cache does not keep a model alive (so no later model can inherit its entry)."""
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        net = _ConvBN().eval()
+        targets = [("bn2", "post")]
+        first, hooks = self._readers(net, targets, 16)
+        again, _ = self._readers(net, targets, 16)
+        assert again is first
+        other = _ConvBN().eval()
+        with torch.no_grad():
+            other.bn2.running_mean.add_(1.0)
+            other.weight2.mul_(-1.0)
+        net.load_state_dict(other.state_dict())
+        fresh, hooks = self._readers(net, targets, 16)
+        assert fresh is not first
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            got, want = fresh(x)[targets[0]], hooks(x)[targets[0]]
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        net.bn2.train()
+        order = [i.name for i in probe_layers(net, 16)]
+        probe = torch.rand(1, 3, 16, 16)
+        assert graph_reader(net, targets, order, probe, fuse_conv=True) is not fresh
+        # The cache holds a model weakly (in a fresh interpreter: pytest's frames keep objects
+        # alive): once the model is gone so is its entry, and no later model can get it.
+        code = ("import gc, sys, weakref, torch; sys.path.insert(0, 'tests');"
+                "from test_engine_paths import _ConvBN; from featsweep import graph;"
+                "from featsweep.targets import probe_layers;"
+                "net = _ConvBN().eval(); order = [i.name for i in probe_layers(net, 16)];"
+                "r = graph.graph_reader(net, [('bn2', 'post')], order, torch.rand(1, 3, 16, 16),"
+                " fuse_conv=True); assert r is not None and r.fused['batchnorm'] == 2;"
+                "gone = weakref.ref(net); del net, r; gc.collect();"
+                "assert gone() is None and len(graph._CACHE) == 0")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
     def test_efficientnet_folds_all_but_a_target_conv(self) -> None:
         net = build_model(spec(**{"model.name": "efficientnet_lite0",
                                   "model.weights": "pretrained"}).model)

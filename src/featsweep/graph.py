@@ -30,6 +30,7 @@ input, give None: the caller keeps the hook reader.
 
 from __future__ import annotations
 
+import weakref
 from operator import attrgetter
 from typing import Sequence
 
@@ -266,7 +267,21 @@ def _layout(w: torch.Tensor) -> torch.memory_format:
             and not w.is_contiguous() else torch.contiguous_format)
 
 
-_CACHE: dict[tuple, GraphReader | None] = {}
+# Per model (weakly: a reader holds the model's submodules but not the model itself, so an entry
+# dies with its model and a new model can never be handed an old one's reader), per everything
+# the reader was built from (see _state).
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, GraphReader | None]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _state(model: nn.Module) -> tuple:
+    """What a cached reader depends on in the model: every parameter's and buffer's storage,
+    in-place version (``Tensor._version``: ``load_state_dict`` and ``copy_`` bump it), strides
+    (the memory layout) and dtype, and every module's training flag. A folded graph holds
+    copies of the weights, so any change means a new reader."""
+    tensors = tuple((t.data_ptr(), t._version, tuple(t.stride()), t.dtype)
+                    for t in (*model.parameters(), *model.buffers()))
+    return tensors, tuple(m.training for m in model.modules())
 
 
 def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[str],
@@ -274,13 +289,12 @@ def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[st
     """An FX reader of `targets`, checked against ``LayerReader`` on `probe` (1, C, H, W); None
     when the network does not trace or the graph disagrees. With `fuse_conv`, BatchNorms and
     zero paddings are folded into their convolutions (see the module docstring). Cached per model,
-    targets, device, folding and the layout of the network's weights (a folded graph holds its
-    own copies of them)."""
+    targets, device, folding and the model's weights as they are (:func:`_state`)."""
     targets = list(dict.fromkeys(targets))
-    layouts = tuple(_layout(p) for p in model.parameters() if p.dim() == 4)[:1]
-    key = (id(model), tuple(targets), str(probe.device), fuse_conv, layouts)
-    if key in _CACHE:
-        return _CACHE[key]
+    key = (tuple(targets), str(probe.device), fuse_conv, _state(model))
+    cached = _CACHE.setdefault(model, {})
+    if key in cached:
+        return cached[key]
     reader = None
     try:
         reader = _build(model, targets, order, fuse_conv, probe.device)
@@ -288,7 +302,7 @@ def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[st
             reader = None
     except Exception:  # a network that does not trace keeps the hook reader
         reader = None
-    _CACHE[key] = reader
+    cached[key] = reader
     return reader
 
 
