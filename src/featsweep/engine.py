@@ -631,6 +631,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
             blurred[i] = bb[k] if project_blur[i] else view[k]
 
     outcomes = []
+    fused = _fused(forwards)  # the same for every job of the batch
     for i, spec in enumerate(specs):
         n = min(spec.steps, done)
         rec = np.arange(begin_list[i], n)
@@ -678,7 +679,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                   "trace_stride": stride,
                   "memory_format": "channels_last" if layout == torch.channels_last else "contiguous",
                   "truncation": "graph" if not isinstance(forwards[0][1], LayerReader) else "hooks",
-                  **_fused(forwards)},
+                  **fused},
             state=state,
         ))
     return outcomes

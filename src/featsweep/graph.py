@@ -54,12 +54,13 @@ _FOLDED_RTOL = 1e-4
 class GraphReader(nn.Module):
     """Same contract as ``LayerReader``: ``reader(x)`` -> {target: (B, C, h, w)}."""
 
-    def __init__(self, module: fx.GraphModule, targets: Sequence[Target], deepest: str) -> None:
+    def __init__(self, module: fx.GraphModule, targets: Sequence[Target], deepest: str,
+                 fused: dict[str, int]) -> None:
         super().__init__()
         self.module = module
         self.targets = list(targets)
         self.deepest = deepest
-        self.fused = {"batchnorm": 0, "zero_pad": 0}  # what was folded into convolutions
+        self.fused = fused  # {"batchnorm": n, "zero_pad": m}: what was folded into convolutions
 
     def forward(self, x: torch.Tensor) -> dict[Target, torch.Tensor]:  # type: ignore[override]
         outs = self.module(x)
@@ -135,15 +136,15 @@ def _output_node(nodes: list[fx.Node], names: dict[fx.Node, str], layer: str) ->
 
 
 def _conv_parts(node: fx.Node, modules: dict[str, nn.Module], gm: fx.GraphModule
-                ) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None, tuple, dict] | None:
-    """(input, weight, bias, args after bias, kwargs) of a 2-D convolution node whose weight and
-    bias are attributes (not computed), or None."""
+                ) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None, tuple] | None:
+    """(input, weight, bias, args after bias) of a 2-D convolution node whose weight and bias
+    are attributes (not computed), or None."""
     if node.op == "call_module":
         conv = modules.get(str(node.target))
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or len(node.args) != 1:
             return None
         return (node.args[0], conv.weight, conv.bias,  # type: ignore[return-value]
-                (conv.stride, conv.padding, conv.dilation, conv.groups), {})
+                (conv.stride, conv.padding, conv.dilation, conv.groups))
     if node.op != "call_function" or node.target not in _CONV2D or node.kwargs:
         return None
     x, w, *rest = node.args
@@ -154,7 +155,7 @@ def _conv_parts(node: fx.Node, modules: dict[str, nn.Module], gm: fx.GraphModule
         return None
     weight = attrgetter(str(w.target))(gm)
     bias = None if b is None else attrgetter(str(b.target))(gm)  # type: ignore[union-attr]
-    return (x, weight, bias, tuple(rest), {})  # type: ignore[return-value]
+    return (x, weight, bias, tuple(rest))  # type: ignore[return-value]
 
 
 def _fold_batchnorm(gm: fx.GraphModule) -> int:
@@ -173,11 +174,11 @@ def _fold_batchnorm(gm: fx.GraphModule) -> int:
         parts = _conv_parts(conv, modules, gm)
         if parts is None or len(conv.users) != 1:
             continue
-        x, w, b, rest, _ = parts
+        x, w, b, rest = parts
         assert bn.running_var is not None
         fw, fb = fuse_conv_bn_weights(w, b, bn.running_mean, bn.running_var, bn.eps,
                                       bn.weight, bn.bias)
-        fw = fw.detach().contiguous(memory_format=_layout(w)).requires_grad_(False)
+        fw = fw.detach().contiguous(memory_format=_layout(w))
         name = f"_folded_{folded}"
         gm.register_buffer(name + "_weight", fw)
         gm.register_buffer(name + "_bias", fb.detach())
@@ -236,7 +237,7 @@ def _fold_zero_pads(gm: fx.GraphModule, asymmetric_depthwise: bool) -> int:
             continue
         pads = _zero_pad(pad, modules)
         args = list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:]  # defaults to 7 args
-        if pads is None or args[4] not in (0, (0, 0), [0, 0]) or isinstance(args[4], str):
+        if pads is None or args[4] not in (0, (0, 0), [0, 0]):  # (also refuses "same"/"valid")
             continue
         left, right, top, bottom = pads
         if left != right or top != bottom:
@@ -342,9 +343,7 @@ def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
     module.recompile()
     rank = {name: i for i, name in enumerate(order)}
     deepest = max((t[0] for t in targets), key=lambda n: rank.get(n, -1))
-    reader = GraphReader(module, targets, deepest)
-    reader.fused = fused
-    return reader
+    return GraphReader(module, targets, deepest, fused)
 
 
 def _agrees(reader: GraphReader, hooks: LayerReader, probe: torch.Tensor) -> bool:
