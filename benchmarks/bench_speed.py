@@ -372,7 +372,8 @@ def featsweep_loop(args: argparse.Namespace, batch: int, batched: bool, clock: C
             "final_activation_mean": (sum(acts) / len(acts)) if acts else None,
             "final_activations": [o.activation for o in outcomes],
             "engine": {k: outcomes[0].info.get(k)
-                       for k in ("memory_format", "truncation", "fused_batchnorms", "fused_zero_pads")},
+                       for k in ("memory_format", "truncation", "fused_batchnorms", "fused_zero_pads",
+                                 "fused_relus")},
             "settings": ("Lucent's defaults (fft, decorrelate, sigmoid, standard transforms, "
                          "Adam 0.05)" if fft else
                          "notes' image005 (SGD 0.9, wd 1e-5, box 3, post)" if not batched else

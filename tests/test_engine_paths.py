@@ -191,7 +191,7 @@ class TestBatchNormFolding:
         before = {k: v.clone() for k, v in net.state_dict().items()}
         targets = [("bn2", "post"), ("bn1", "post"), ("bn3", "post")]
         folded, hooks = self._readers(net, targets, 16)
-        assert folded.fused == {"batchnorm": 2, "zero_pad": 2}
+        assert folded.fused == {"batchnorm": 2, "zero_pad": 2, "relu": 0}
         kinds = [type(dict(folded.module.named_modules())[str(n.target)]).__name__
                  for n in folded.module.graph.nodes if n.op == "call_module"]
         assert sorted(kinds) == ["BatchNorm2d", "Conv2d", "ZeroPad2d"]  # bn3, conv3, pad3
@@ -290,3 +290,111 @@ class TestBatchNormFolding:
         np.testing.assert_allclose(a.pixels, b.pixels, rtol=0, atol=1e-6)
         np.testing.assert_allclose(a.trace, b.trace, rtol=1e-5, atol=0)
         assert spec().batch_key() != spec(**{"engine.fuse_conv": False}).batch_key()
+
+
+class _ConvReLUChain(torch.nn.Module):
+    """conv-BN-ReLU6 read by two convs and a residual sum, a depthwise conv-BN-ReLU6 read by one
+    conv alone behind an Identity (its gradient can be overwritten in place), a conv-ReLU6 read
+    by a sum alone (a sum's backward hands the same gradient to both sides: it must stay out of
+    place), and a conv-ReLU that is a target (out of place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.act1 = torch.nn.ReLU6()
+        self.act2 = torch.nn.ReLU6()
+        self.gap = torch.nn.Identity()
+        self.conv3 = torch.nn.Conv2d(8, 8, 1)
+        self.conv5 = torch.nn.Conv2d(8, 8, 1)
+        self.act3 = torch.nn.ReLU6()
+        self.conv4 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
+        self.out = torch.nn.ReLU()
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.normal_(0.0, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.weight.data.uniform_(0.5, 4.0, generator=g)  # so that some units clip at 6
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act1(self.bn1(self.conv1(x)))
+        b = self.gap(self.act2(self.bn2(self.conv2(a))))
+        c = self.conv3(b) + self.act3(self.conv5(a)) + a
+        return self.out(self.conv4(c))
+
+
+class TestConvReLUFusion:
+    """Convolution + ReLU as one node (featsweep.graph._ConvClamp): the batch path is oneDNN's
+    post-op, B = 1 an in-place clamp, and the mask's gradient is in place only where nothing
+    else can read it. Values and input gradients equal the unfused graph's."""
+
+    def _readers(self, net: torch.nn.Module, targets: list, size: int) -> tuple:
+        order = [i.name for i in probe_layers(net, size)]
+        probe = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        fused = graph_reader(net, targets, order, probe, fuse_conv=True, fuse_relu=True)
+        plain = graph_reader(net, targets, order, probe, fuse_conv=True)
+        assert isinstance(fused, GraphReader) and isinstance(plain, GraphReader)
+        return fused, plain
+
+    @staticmethod
+    def _value_and_grad(reader: GraphReader, x: torch.Tensor, weights: dict) -> tuple:
+        x = x.clone().requires_grad_(True)
+        out = reader(x)
+        loss = sum((out[t] * w).sum() for t, w in weights.items())
+        (grad,) = torch.autograd.grad(loss, x)
+        return {t: o.detach() for t, o in out.items()}, grad
+
+    @pytest.mark.parametrize("batch", [1, 3])
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_values_and_gradients_equal_unfused(self, batch: int, layout: torch.memory_format) -> None:
+        net = _ConvReLUChain().eval().to(memory_format=layout)
+        targets = [("out", "post"), ("act1", "post")]
+        fused, plain = self._readers(net, targets, 16)
+        assert fused.fused["relu"] == 4 and plain.fused["relu"] == 0
+        owned = [n.args[-1] for n in fused.module.graph.nodes if n.op == "call_function"
+                 and getattr(n.target, "__name__", "") == "_conv_clamp"]
+        assert owned == [False, True, False, False]
+        g = torch.Generator().manual_seed(5)
+        x = (torch.randn(batch, 3, 16, 16, generator=g) * 4).contiguous(memory_format=layout)
+        weights = {t: torch.randn(plain(x)[t].shape, generator=g) for t in targets}
+        got, got_grad = self._value_and_grad(fused, x, weights)
+        want, want_grad = self._value_and_grad(plain, x, weights)
+        for t in targets:
+            assert float(want[t].max()) > 0
+            torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6 * float(want[t].abs().max()))
+        assert float((want[("act1", "post")] == 6).float().mean()) > 0.005  # the upper clip is used
+        torch.testing.assert_close(got_grad, want_grad, rtol=0,
+                                   atol=1e-6 * float(want_grad.abs().max()))
+        assert float(want_grad.abs().max()) > 0
+
+    def test_efficientnet_short_batch_equals_unfused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """EfficientNet-Lite0 at B = 2 (the oneDNN path) for 3 steps, fused and not: the same
+        images to rounding, and result.json says how many ReLUs were fused."""
+        import weakref
+
+        from featsweep import graph
+
+        changes = {"model.name": "efficientnet_lite0", "model.weights": "pretrained",
+                   "target.layer": "_blocks.4", "target.channel": 3, "image.size": 48, "steps": 3,
+                   "regularizer.clamp": False}
+        specs = [spec(**changes), spec(**changes, seed=1, **{"optimizer.name": "adam"})]
+        fused = run(*specs)
+        monkeypatch.setattr(graph, "_CACHE", weakref.WeakKeyDictionary())
+        monkeypatch.setattr(graph, "_fuse_conv_clamp", lambda gm: 0)
+        plain = run(*specs)
+        assert fused[0].info["fused_relus"] == 10 and plain[0].info["fused_relus"] == 0
+        assert fused[0].info["fused_batchnorms"] == plain[0].info["fused_batchnorms"] > 0
+        for a, b in zip(fused, plain):
+            np.testing.assert_allclose(a.pixels, b.pixels, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a.trace, b.trace, rtol=1e-5, atol=0)
+
+    def test_not_fused_where_a_relu_must_be_seen(self) -> None:
+        """The redirected gradient replaces each ReLU call, and a compiled step leaves fusion to
+        inductor: neither gets the fused node."""
+        changes = {"model.name": "efficientnet_lite0", "model.weights": "pretrained",
+                   "target.layer": "_blocks.2", "target.channel": 3, "image.size": 32, "steps": 1}
+        (redirected,) = run(spec(**changes, **{"target.relu_gradient": "redirect"}))
+        assert redirected.info["fused_relus"] == 0 and redirected.info["fused_batchnorms"] > 0

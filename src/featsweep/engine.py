@@ -288,19 +288,22 @@ def memory_format(spec: RunSpec, device: torch.device) -> torch.memory_format:
 
 
 def make_reader(model: nn.Module, targets: Sequence[tuple[str, str]], order: Sequence[str],
-                spec: RunSpec, size: int, device: torch.device) -> nn.Module | LayerReader:
+                spec: RunSpec, size: int, device: torch.device, fuse_relu: bool = False
+                ) -> nn.Module | LayerReader:
     """The truncated forward for `targets`: an FX graph cut (featsweep.graph; no exception, no
     TorchFunctionMode, so it compiles as one graph) where the network traces and agrees with the
     hook reader on a probe image; the hook reader (targets.LayerReader) otherwise. With
     ``engine.fuse_conv`` the graph's eval-mode BatchNorms and zero paddings are folded into the
     convolutions next to them (fewer passes over the activations, forward and backward; the same
-    values to rounding, checked on the probe)."""
+    values to rounding, checked on the probe), and with `fuse_relu` on the CPU each convolution
+    and its ReLU are one node (featsweep.graph._ConvClamp)."""
     if spec.engine.truncate == "auto":
         from featsweep.graph import graph_reader
 
         g = torch.Generator().manual_seed(0)
         probe = torch.rand(1, model_info(spec.model).in_channels, size, size, generator=g)
-        reader = graph_reader(model, targets, order, probe.to(device), fuse_conv=spec.engine.fuse_conv)
+        reader = graph_reader(model, targets, order, probe.to(device), fuse_conv=spec.engine.fuse_conv,
+                              fuse_relu=fuse_relu)
         if reader is not None:
             return reader
     return LayerReader(model, targets, order)
@@ -403,6 +406,11 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         if s.target.kind == "direction":
             channels = next(li.shape[0] for li in layers if li.name == s.target.layer)
             directions[i] = direction_vector(s, channels)
+    # Convolution + ReLU as one node (featsweep.graph._ConvClamp) only where nothing needs to see
+    # the ReLU on its own: the redirected gradient replaces each ReLU call, and a compiled step
+    # leaves fusion to inductor.
+    fuse_relu = not (first.engine.compile or first.engine.cuda_graphs
+                     or any(s.target.relu_gradient == "redirect" for s in specs))
     forwards = []  # per size group: (group, reader, objectives, through-pixels mask or None)
     for sg in transforms.groups:
         targets = [(specs[i].target.layer, specs[i].target.relu) for i in sg.rows]
@@ -410,7 +418,7 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         mask = None
         if any(through) and not all(through):
             mask = torch.tensor(through, device=device).view(-1, 1, 1, 1)
-        reader = make_reader(model, targets, order, first, sg.size, device)
+        reader = make_reader(model, targets, order, first, sg.size, device, fuse_relu)
         forwards.append((sg, reader,
                          Objectives(specs, sg.rows, device, directions), any(through), mask,
                          sg.rows == list(range(batch))))
@@ -686,13 +694,13 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
 
 
 def _fused(forwards: list) -> dict[str, int]:
-    """result.json's ``fused_batchnorms`` / ``fused_zero_pads``: how many the batch's graph
-    readers folded into convolutions (engine.fuse_conv)."""
-    out = {"fused_batchnorms": 0, "fused_zero_pads": 0}
+    """result.json's ``fused_batchnorms`` / ``fused_zero_pads`` / ``fused_relus``: how many the
+    batch's graph readers folded into convolutions (engine.fuse_conv)."""
+    out = {"fused_batchnorms": 0, "fused_zero_pads": 0, "fused_relus": 0}
     for f in forwards:
         fused = getattr(f[1], "fused", {})
-        out["fused_batchnorms"] += fused.get("batchnorm", 0)
-        out["fused_zero_pads"] += fused.get("zero_pad", 0)
+        for part in ("batchnorm", "zero_pad", "relu"):
+            out[f"fused_{part}s"] += fused.get(part, 0)
     return out
 
 

@@ -60,7 +60,7 @@ class GraphReader(nn.Module):
         self.module = module
         self.targets = list(targets)
         self.deepest = deepest
-        self.fused = fused  # {"batchnorm": n, "zero_pad": m}: what was folded into convolutions
+        self.fused = fused  # {"batchnorm": n, "zero_pad": m, "relu": k}: folded into convolutions
 
     def forward(self, x: torch.Tensor) -> dict[Target, torch.Tensor]:  # type: ignore[override]
         outs = self.module(x)
@@ -263,6 +263,118 @@ def _fold_zero_pads(gm: fx.GraphModule, asymmetric_depthwise: bool) -> int:
     return folded
 
 
+class _ConvClamp(torch.autograd.Function):
+    """``clamp(conv2d(x, w, b), 0, upper)`` as one autograd node, for a frozen `w` and `b`.
+
+    Forward: the convolution, then the clamp in place on its own fresh output (autograd's
+    out-of-place ReLU writes a second copy of the activations). Backward: the clamp's mask
+    applied with ``hardtanh_backward`` (the output `y` is 0 or `upper` exactly where the input was
+    outside (0, upper)), in place on the incoming gradient when the graph says nothing else can
+    hold it (`grad_owned`), then the convolution's input gradient alone. Measured on the project's
+    CPU (BENCHMARKS.md): in place, both passes take half to two thirds of the time at B = 12.
+    oneDNN's convolution with the clamp as a post-op was ~5 % faster still, but it turns NaN
+    into 0, and an image that diverged must keep its NaN activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, upper, grad_owned):  # noqa: ANN001, ANN205
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups).clamp_(0, upper)
+        ctx.save_for_backward(x, weight, y)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.upper, ctx.grad_owned = upper, grad_owned
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight, y = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        if ctx.grad_owned:
+            masked = torch.ops.aten.hardtanh_backward.grad_input(grad, y, 0.0, ctx.upper,
+                                                                 grad_input=grad)
+        else:
+            masked = torch.ops.aten.hardtanh_backward(grad, y, 0.0, ctx.upper)
+        stride, padding, dilation, groups = ctx.conv
+        gx = torch.ops.aten.convolution_backward(masked, x, weight, None, stride, padding,
+                                                 dilation, False, [0, 0], groups,
+                                                 [True, False, False])[0]
+        return (gx,) + (None,) * 8
+
+
+def _conv_clamp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                upper: float, grad_owned: bool) -> torch.Tensor:
+    """(B, C, H, W) -> clamp(conv2d(x, weight, bias, ...), 0, upper): see :class:`_ConvClamp`."""
+    return _ConvClamp.apply(x, weight, bias, stride, padding, dilation, groups, upper, grad_owned)
+
+
+def _pair(v: object) -> list[int] | None:
+    if isinstance(v, int):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return list(v)
+    return None
+
+
+def _is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A 2-D convolution call: its backward hands over a fresh input gradient."""
+    if node.op == "call_module":
+        return type(modules.get(str(node.target))) is nn.Conv2d
+    return node.op == "call_function" and (node.target in _CONV2D or node.target is _conv_clamp)
+
+
+def _fuse_conv_clamp(gm: fx.GraphModule) -> int:
+    """Make each 2-D convolution (``nn.Conv2d``, or ``conv2d`` on attributes; frozen weights) whose
+    only user is a ReLU / ReLU6 / ``hardtanh(0, m)`` one :func:`_conv_clamp` node; the count. Runs after the ReLUs are out of
+    place and the BatchNorms folded. The clamp's gradient is overwritten in place only when the
+    clamp's output is read by one convolution alone (that convolution's backward hands over a
+    fresh tensor nobody else holds); a target's output, a residual sum or a concatenation keep
+    it out of place."""
+    modules = dict(gm.named_modules())
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not _is_conv(node, modules) or len(node.users) != 1:
+            continue
+        (clamp,) = node.users
+        kind = _relu_kind(clamp, modules)
+        parts = _conv_parts(node, modules, gm)
+        if kind is None or clamp.args[0] is not node or parts is None:
+            continue
+        x, weight, bias, rest = parts
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            continue
+        stride, padding, dilation, groups = (list(rest) + [1, 0, 1, 1][len(rest):])[:4]
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        if stride is None or padding is None or dilation is None or not isinstance(groups, int):
+            continue
+        if node.op == "call_module":
+            with gm.graph.inserting_before(clamp):
+                w = gm.graph.get_attr(f"{node.target}.weight")
+                b = None if bias is None else gm.graph.get_attr(f"{node.target}.bias")
+        else:
+            w, b = node.args[1], (node.args[2] if len(node.args) > 2 else None)
+        users = list(clamp.users)
+        owned = len(users) == 1 and _is_conv(users[0], modules) and users[0].args[0] is clamp
+        with gm.graph.inserting_before(clamp):
+            new = gm.graph.call_function(_conv_clamp, (x, w, b, stride, padding, dilation,
+                                                       groups, kind[1], owned))
+        clamp.replace_all_uses_with(new)
+        gm.graph.erase_node(clamp)
+        gm.graph.erase_node(node)
+        fused += 1
+    return fused
+
+
+def _drop_identities(gm: fx.GraphModule) -> None:
+    """Read past every ``nn.Identity`` call (EfficientNet-Lite's ``_swish`` after each ReLU6): a
+    module call per layer for nothing, and it hides which ReLU feeds which convolution."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and type(modules.get(str(node.target))) is nn.Identity
+                and len(node.args) == 1 and not node.kwargs):
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            gm.graph.erase_node(node)
+
+
 def _layout(w: torch.Tensor) -> torch.memory_format:
     return (torch.channels_last if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)
             and not w.is_contiguous() else torch.contiguous_format)
@@ -286,19 +398,21 @@ def _state(model: nn.Module) -> tuple:
 
 
 def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[str],
-                 probe: torch.Tensor, *, fuse_conv: bool = False) -> GraphReader | None:
+                 probe: torch.Tensor, *, fuse_conv: bool = False, fuse_relu: bool = False
+                 ) -> GraphReader | None:
     """An FX reader of `targets`, checked against ``LayerReader`` on `probe` (1, C, H, W); None
     when the network does not trace or the graph disagrees. With `fuse_conv`, BatchNorms and
     zero paddings are folded into their convolutions (see the module docstring). Cached per model,
     targets, device, folding and the model's weights as they are (:func:`_state`)."""
     targets = list(dict.fromkeys(targets))
-    key = (tuple(targets), str(probe.device), fuse_conv, _state(model))
+    fuse_relu = fuse_relu and fuse_conv and probe.device.type == "cpu"
+    key = (tuple(targets), str(probe.device), fuse_conv, fuse_relu, _state(model))
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
     reader = None
     try:
-        reader = _build(model, targets, order, fuse_conv, probe.device)
+        reader = _build(model, targets, order, fuse_conv, probe.device, fuse_relu)
         if reader is not None and not _agrees(reader, LayerReader(model, targets, order), probe):
             reader = None
     except Exception:  # a network that does not trace keeps the hook reader
@@ -308,8 +422,8 @@ def graph_reader(model: nn.Module, targets: Sequence[Target], order: Sequence[st
 
 
 def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
-           fuse_conv: bool = False, device: torch.device = torch.device("cpu")
-           ) -> GraphReader | None:
+           fuse_conv: bool = False, device: torch.device = torch.device("cpu"),
+           fuse_relu: bool = False) -> GraphReader | None:
     tracer = fx.Tracer()
     graph = tracer.trace(model)
     names = {n: _module_path(n) for n in graph.nodes}
@@ -334,11 +448,14 @@ def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
     # (replace_all_uses_with also updates the output tuple where an output is a ReLU node)
     module = fx.GraphModule(tracer.root, graph)
     module.graph.eliminate_dead_code()
-    fused = {"batchnorm": 0, "zero_pad": 0}
+    fused = {"batchnorm": 0, "zero_pad": 0, "relu": 0}
     if fuse_conv:
-        fused = {"batchnorm": _fold_batchnorm(module),
-                 "zero_pad": _fold_zero_pads(module, asymmetric_depthwise=device.type == "cpu")}
+        fused["batchnorm"] = _fold_batchnorm(module)
+        fused["zero_pad"] = _fold_zero_pads(module, asymmetric_depthwise=device.type == "cpu")
         module.graph.eliminate_dead_code()
+        if fuse_relu:
+            _drop_identities(module)
+            fused["relu"] = _fuse_conv_clamp(module)
     module.graph.lint()
     module.recompile()
     rank = {name: i for i, name in enumerate(order)}
@@ -347,6 +464,8 @@ def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
 
 
 def _agrees(reader: GraphReader, hooks: LayerReader, probe: torch.Tensor) -> bool:
+    if reader.fused["relu"]:  # a batch, so that the fused convolutions' batch path is checked too
+        probe = torch.cat([probe, probe.flip(-1)])
     with torch.no_grad():
         a = reader(probe)
         b = hooks(probe)
