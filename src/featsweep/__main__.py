@@ -4,13 +4,17 @@ featsweep's own errors (``UserError``, and Hydra's compact ones such as a bad ov
 one paragraph on stderr and exit 1: no "Error executing job with overrides" line, no
 "Set the environment variable HYDRA_FULL_ERROR=1" hint, no traceback. ``HYDRA_FULL_ERROR=1``
 still gives Hydra's full traceback, as for any Hydra app.
+
+A run that ends well ends without the interpreter's teardown (:func:`_exit_without_teardown`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +93,25 @@ def _rewrite(argv: list[str]) -> list[str]:
     return argv
 
 
+def _exit_without_teardown() -> None:
+    """End the process now, status 0, as the interpreter would but without its teardown: after
+    torch is imported that teardown (freeing modules, static destructors) takes ~0.4 s on the
+    project's 2-core CPU, every command (measured: BENCHMARKS.md). What is registered with
+    ``atexit`` runs first (logging's flush, the sweep directory's lock release) and stdout and
+    stderr are flushed; the job files are already closed and renamed (featsweep.artifacts). With
+    another non-daemon thread still running, the interpreter's own exit waits for it instead."""
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive()
+           for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main() -> None:
-    """Entry point: Hydra's main with featsweep's error printing (see the module docstring)."""
+    """Entry point: Hydra's main with featsweep's error printing (see the module docstring);
+    it ends the process when the run went well."""
     sys.argv = [sys.argv[0], *_rewrite(sys.argv[1:])]
     user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Let Hydra raise instead of printing its own wrapper lines; print one paragraph here.
@@ -107,6 +128,7 @@ def main() -> None:
     finally:
         if not user_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+    _exit_without_teardown()
 
 
 if __name__ == "__main__":
