@@ -70,3 +70,17 @@ def test_quick_bench_prints_every_method(tmp_path: Path) -> None:
     assert {r["method"] for r in data["rows"]} == {"floor", "floor_cl", "notes", "lucent",
                                                    "featsweep", "batched", "lucent_fft", "fft"}
     assert "fft + standard transforms / pixel path (batched) at B=4" in table
+
+
+def test_step_parts_bench_prints_every_row() -> None:
+    """benchmarks/bench_step_parts.py at smoke size: every pair it promises, with a ratio."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step_parts.py"),
+                           "--batch", "2", "--size", "32", "--reps", "2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    names = " ".join(rows)
+    for piece in ("ReLU6 forward", "ReLU6 gradient", "half SGD, half Adam", "all SGD",
+                  "all Adam", "finite check", "blur"):
+        assert piece in names, piece
+    assert len(rows) == 9
