@@ -137,8 +137,8 @@ def _output_node(nodes: list[fx.Node], names: dict[fx.Node, str], layer: str) ->
 
 def _conv_parts(node: fx.Node, modules: dict[str, nn.Module], gm: fx.GraphModule
                 ) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None, tuple] | None:
-    """(input, weight, bias, args after bias) of a 2-D convolution node whose weight and bias
-    are attributes (not computed), or None."""
+    """(input, weight, bias, (stride, padding, dilation, groups)) of a 2-D convolution node whose
+    weight and bias are attributes (not computed), or None."""
     if node.op == "call_module":
         conv = modules.get(str(node.target))
         if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or len(node.args) != 1:
@@ -155,7 +155,7 @@ def _conv_parts(node: fx.Node, modules: dict[str, nn.Module], gm: fx.GraphModule
         return None
     weight = attrgetter(str(w.target))(gm)
     bias = None if b is None else attrgetter(str(b.target))(gm)  # type: ignore[union-attr]
-    return (x, weight, bias, tuple(rest))  # type: ignore[return-value]
+    return (x, weight, bias, tuple(rest) + (1, 0, 1, 1)[len(rest):])  # type: ignore[return-value]
 
 
 def _fold_batchnorm(gm: fx.GraphModule) -> int:
@@ -319,13 +319,14 @@ def _is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A 2-D convolution call: its backward hands over a fresh input gradient."""
     if node.op == "call_module":
         return type(modules.get(str(node.target))) is nn.Conv2d
-    return node.op == "call_function" and (node.target in _CONV2D or node.target is _conv_clamp)
+    return node.op == "call_function" and node.target in _CONV2D
 
 
 def _fuse_conv_clamp(gm: fx.GraphModule) -> int:
     """Make each 2-D convolution (``nn.Conv2d``, or ``conv2d`` on attributes; frozen weights) whose
-    only user is a ReLU / ReLU6 / ``hardtanh(0, m)`` one :func:`_conv_clamp` node; the count. Runs after the ReLUs are out of
-    place and the BatchNorms folded. The clamp's gradient is overwritten in place only when the
+    only user is a ReLU / ReLU6 / ``hardtanh(0, m)`` one :func:`_conv_clamp` node; the count.
+    Runs after the ReLUs are out of place and the BatchNorms folded, in graph order, so a
+    convolution that reads a fused node's output is still a plain one when that node is made. The clamp's gradient is overwritten in place only when the
     clamp's output is read by one convolution alone (that convolution's backward hands over a
     fresh tensor nobody else holds); a target's output, a residual sum or a concatenation keep
     it out of place."""
@@ -342,7 +343,7 @@ def _fuse_conv_clamp(gm: fx.GraphModule) -> int:
         x, weight, bias, rest = parts
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             continue
-        stride, padding, dilation, groups = (list(rest) + [1, 0, 1, 1][len(rest):])[:4]
+        stride, padding, dilation, groups = rest
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         if stride is None or padding is None or dilation is None or not isinstance(groups, int):
             continue
@@ -464,8 +465,6 @@ def _build(model: nn.Module, targets: list[Target], order: Sequence[str],
 
 
 def _agrees(reader: GraphReader, hooks: LayerReader, probe: torch.Tensor) -> bool:
-    if reader.fused["relu"]:  # a batch, so that the fused convolutions' batch path is checked too
-        probe = torch.cat([probe, probe.flip(-1)])
     with torch.no_grad():
         a = reader(probe)
         b = hooks(probe)

@@ -69,8 +69,6 @@ class BatchedOptimizer:
     adam_steps: torch.Tensor  # (B,1,1,1) float64, updates each image has taken (bias correction)
     buf: torch.Tensor  # SGD momentum buffer / Adam first moment, like the parameter
     sq: torch.Tensor  # Adam second moment, like the parameter
-    any_adam: bool = False
-    any_sgd: bool = False
     # Per kind, its images: each kind's update runs on its own images only (a mixed batch used to
     # compute both updates for every image and select, ~2.5x the passes over the pixels).
     kinds: list[_Rows] = field(default_factory=list)
@@ -100,8 +98,6 @@ class BatchedOptimizer:
             adam_steps=col([0.0] * len(specs), torch.float64),
             buf=torch.zeros_like(param),
             sq=torch.zeros_like(param),
-            any_adam=any(is_adam),
-            any_sgd=not all(is_adam),
         )
         for adam in (False, True):
             rows = [i for i, a in enumerate(is_adam) if a == adam]
@@ -118,6 +114,14 @@ class BatchedOptimizer:
             kind.cols["one_minus_beta2"] = (1 - kind.cols["beta2_64"]).float()
             opt.kinds.append(kind)
         return opt
+
+    @property
+    def any_adam(self) -> bool:
+        return any(k.adam for k in self.kinds)
+
+    @property
+    def any_sgd(self) -> bool:
+        return any(not k.adam for k in self.kinds)
 
     @torch.no_grad()
     def step(self, param: torch.Tensor, grad: torch.Tensor, active: torch.Tensor | None = None) -> None:
