@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gc
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,7 +37,7 @@ from pytest import mark, param
 from hydra_plugins.featsweep_batched_launcher import _plan as plan, _run_local as run_local
 from hydra_plugins.featsweep_batched_launcher import _sweep as launcher_sweep
 
-from _cli import run_module
+from _cli import cli_env, run_module
 
 # ------------------------------------------------------------------------ Hydra's launcher suites
 
@@ -77,17 +79,21 @@ def test_suite_sweeps_go_through_the_batched_launcher(hydra_sweep_runner: Any, t
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The suites above really run BatchedLauncher (not some default), once per sweep, in order."""
     calls = []
+    frozen = []  # gc.get_freeze_count() inside each job, and after the launch
     real_launch = launcher_sweep.launch
 
     def spy(launcher: Any, job_overrides: Any, initial_job_idx: int) -> Any:
         calls.append((type(launcher).__name__, [list(o) for o in job_overrides], initial_job_idx))
-        return real_launch(launcher, job_overrides, initial_job_idx)
+        try:
+            return real_launch(launcher, job_overrides, initial_job_idx)
+        finally:
+            frozen.append(gc.get_freeze_count())
 
     monkeypatch.setattr(launcher_sweep, "launch", spy)
     sweep = hydra_sweep_runner(
         calling_file=None,
         calling_module="hydra.test_utils.a_module",
-        task_function=lambda cfg: cfg.a * 10,
+        task_function=lambda cfg: (frozen.append(gc.get_freeze_count()), cfg.a * 10)[1],
         config_path="configs",
         config_name="compose",
         overrides=["hydra/launcher=batched", "+a=1,2,3"],
@@ -100,6 +106,9 @@ def test_suite_sweeps_go_through_the_batched_launcher(hydra_sweep_runner: Any, t
         assert [r.hydra_cfg.hydra.job.num for r in returns] == [0, 1, 2]
         assert [r.overrides for r in returns] == [["+a=1"], ["+a=2"], ["+a=3"]]
     assert calls == [("BatchedLauncher", [["+a=1"], ["+a=2"], ["+a=3"]], 0)]
+    # The sweep's objects are kept out of the cycle collector during the launch, and given back
+    # when it ends (_sweep.launch).
+    assert len(frozen) == 4 and all(n > 0 for n in frozen[:3]) and frozen[3] == 0, frozen
 
 
 # ------------------------------------------------------------------------ featsweep end to end
@@ -182,6 +191,46 @@ def headline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("headline_batched")
     out = check_ok(featsweep(cwd, *HEADLINE))
     return cwd / "sweep", out
+
+
+# Makes writing image.npy fail for job 1 (as a full disk would), in the background writer.
+FAILING_WRITE_MAIN = """
+import featsweep.artifacts as artifacts
+real = artifacts.atomic_write
+def atomic_write(path, write, **kwargs):
+    if path.name == "image.npy" and path.parent.name == "1":
+        raise OSError(28, "No space left on device (injected for job 1)")
+    return real(path, write, **kwargs)
+artifacts.atomic_write = atomic_write
+from featsweep.__main__ import main
+main()
+"""
+
+
+def test_a_job_whose_files_cannot_be_written_fails_alone(tmp_path: Path) -> None:
+    """Job 1's files fail in the background writer: job 1 is failed with that error (no
+    result.json, so resume reruns it), the jobs before and after it are written in full, and
+    the sweep ends with one message naming job 1."""
+    script = tmp_path / "failing_write_main.py"
+    script.write_text(FAILING_WRITE_MAIN)
+    proc = subprocess.run([sys.executable, str(script), "-m", "seed=0,1,2", *SMALL,
+                           "image.size=32", "steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Batched 3 jobs into 1 batch" in out
+    assert "job #1: its files could not be written" in out
+    assert "1 of 3 job(s) failed" in proc.stderr and "job #1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    sweep = tmp_path / "sweep"
+    for ok in ("0", "2"):
+        for name in JOB_FILES:
+            assert (sweep / ok / name).is_file(), f"{ok}/{name} is missing"
+        assert result(sweep / ok)["status"] == "ok"
+    assert not (sweep / "1" / "result.json").exists()
+    assert not (sweep / "1" / "image.npy").exists()
+    assert not list((sweep / "1").glob(".*.tmp"))  # no temporary file left behind
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from _hydra import featsweep_conf
-from hydra_plugins.featsweep_batched_launcher.sweep_loader import SweepConfigLoader
+from hydra_plugins.featsweep_batched_launcher.sweep_loader import FREEZE_EVERY, SweepConfigLoader
 
 # Sweeps as lists of per-job override lists: group choices (plain, appended, nested, under
 # hydra/), plain values of every override kind Hydra has, and their mixes in any order.
@@ -71,6 +72,27 @@ def test_one_hydra_composition_per_group_choice_and_every_job_its_own_object() -
         again[0].seed = 99
         assert again[1].seed == 1 and fast.load_sweep_config(master, jobs[0]).seed == 0
         assert first[0].seed == 0
+
+
+def test_kept_configs_are_moved_out_of_the_cycle_collectors_walks() -> None:
+    """Every FREEZE_EVERY configs kept, gc.freeze(): the collector's full passes skip them (the
+    launcher unfreezes when its launch ends: tests/test_launcher.py)."""
+    gc.unfreeze()
+    try:
+        with featsweep_conf():
+            hydra_loader = GlobalHydra.instance().config_loader()
+            master = loaded_master(hydra_loader)
+            fast = SweepConfigLoader(hydra_loader)
+            configs = [fast.load_sweep_config(master, [f"seed={s}"])
+                       for s in range(FREEZE_EVERY - 1)]
+            assert gc.get_freeze_count() == 0
+            configs.append(fast.load_sweep_config(master, [f"seed={FREEZE_EVERY}"]))
+            assert gc.get_freeze_count() > 0
+            assert all(gc.is_tracked(c) for c in configs)
+            # frozen objects are not in any generation the collector walks
+            assert not any(c is o for o in gc.get_objects() for c in configs[:1])
+    finally:
+        gc.unfreeze()
 
 
 def test_the_masters_resolver_cache_is_copied_per_job_as_hydra_does() -> None:

@@ -109,9 +109,10 @@ def _exit_without_teardown() -> None:
     os._exit(0)
 
 
-def main() -> None:
-    """Entry point: Hydra's main with featsweep's error printing (see the module docstring);
-    it ends the process when the run went well."""
+def main(*, end_process: bool = True) -> None:
+    """Entry point: Hydra's main with featsweep's error printing (see the module docstring).
+    It ends the process when the run went well, unless ``end_process`` is false (a caller that
+    goes on afterwards in the same process, such as a profiler)."""
     sys.argv = [sys.argv[0], *_rewrite(sys.argv[1:])]
     user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Let Hydra raise instead of printing its own wrapper lines; print one paragraph here.
@@ -128,7 +129,8 @@ def main() -> None:
     finally:
         if not user_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    _exit_without_teardown()
+    if end_process:
+        _exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -174,26 +174,18 @@ def read_state(job_dir: Path) -> dict[str, Any] | None:
 
 def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None = None,
               flag: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
-              state: Mapping[str, Any] | None = None) -> dict:
+              state: Mapping[str, Any] | None = None,
+              submit: Callable[[Callable[[], None]], Any] | None = None) -> dict:
     """Write the five files of one job into `job_dir`; result.json last (it marks completion).
+    Returns result.json's content.
 
     `flag(result)` may add fields to result.json (an outcome that deserves a warning); `state`
     (an interrupted job's) is saved as state.pt before result.json, else any old state.pt goes.
+    `submit`: the files are written by ``submit(write)`` instead of here, e.g. by a background
+    writer, so that their fsyncs overlap the caller's next work; the caller waits for it (and
+    sees its error) before it reports the job finished.
     """
     job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / RESULT).unlink(missing_ok=True)  # an old result never describes the new files
-    # The directory is fsync'ed once, by result.json's write: it makes these renames durable too.
-    atomic_write(job_dir / "image.png", _png(stretch(outcome.optimized)), sync_dir=False)
-    atomic_write(job_dir / "before_blur.png", _png(stretch(outcome.before_blur)), sync_dir=False)
-    atomic_write(job_dir / "image.npy", lambda f: np.save(f, outcome.pixels.astype(np.float32)),
-                 sync_dir=False)
-
-    def trace_csv(f: io.BufferedWriter) -> None:
-        lines = ["step,activation"] + [f"{int(s)},{a:.9g}" for s, a in outcome.trace]
-        f.write(("\n".join(lines) + "\n").encode())
-
-    atomic_write(job_dir / "trace.csv", trace_csv, sync_dir=False)
     result = {
         "status": outcome.status,
         "activation": _finite_or_none(outcome.activation),
@@ -209,11 +201,31 @@ def write_job(job_dir: Path, outcome: JobOutcome, extra: dict[str, Any] | None =
     result.update({"flag": None, "flag_message": None})
     if flag is not None:
         result.update(flag(result) or {})
-    if state is not None:
-        write_state(job_dir, state)
+
+    def trace_csv(f: io.BufferedWriter) -> None:
+        lines = ["step,activation"] + [f"{int(s)},{a:.9g}" for s, a in outcome.trace]
+        f.write(("\n".join(lines) + "\n").encode())
+
+    def write() -> None:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / RESULT).unlink(missing_ok=True)  # an old result never describes the new files
+        # The directory is fsync'ed once, by result.json's write: it makes these renames durable.
+        atomic_write(job_dir / "image.png", _png(stretch(outcome.optimized)), sync_dir=False)
+        atomic_write(job_dir / "before_blur.png", _png(stretch(outcome.before_blur)),
+                     sync_dir=False)
+        atomic_write(job_dir / "image.npy", lambda f: np.save(f, outcome.pixels.astype(np.float32)),
+                     sync_dir=False)
+        atomic_write(job_dir / "trace.csv", trace_csv, sync_dir=False)
+        if state is not None:
+            write_state(job_dir, state)
+        else:
+            (job_dir / STATE).unlink(missing_ok=True)
+        write_result(job_dir, result)
+
+    if submit is None:
+        write()
     else:
-        (job_dir / STATE).unlink(missing_ok=True)
-    write_result(job_dir, result)
+        submit(write)
     return result
 
 

@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -247,7 +247,8 @@ def outcome_flag(result: Mapping[str, Any], spec: "RunSpec | None" = None
 def write_outcome(outcome: "JobOutcome", cfg: DictConfig | None = None,
                   spec: "RunSpec | None" = None, digest: str | None = None,
                   batch: Sequence[int] | None = None, where: Path | None = None,
-                  members: Sequence[str] | None = None) -> dict[str, Any]:
+                  members: Sequence[str] | None = None,
+                  submit: Callable[[Callable[[], None]], Any] | None = None) -> dict[str, Any]:
     """Write `outcome` into the current Hydra job directory (or `where`); return result.json.
 
     With the job's `cfg` (and `spec`), result.json also records the config fingerprint that
@@ -256,6 +257,7 @@ def write_outcome(outcome: "JobOutcome", cfg: DictConfig | None = None,
     `members` the first 12 hex digits of their config hashes (resume uses them to re-form a batch
     a crash left half written).
     An interrupted job's state (``outcome.state``) is saved beside it, so resume continues it.
+    `submit`: who writes the files (``featsweep.artifacts.write_job``); by default, this call.
     """
     from featsweep.artifacts import write_job
 
@@ -266,7 +268,8 @@ def write_outcome(outcome: "JobOutcome", cfg: DictConfig | None = None,
     if members is not None:
         extra["batch_members"] = list(members)
     state = getattr(outcome, "state", None) if outcome.status == "interrupted" else None
-    result = write_job(where, outcome, extra, flag=lambda r: outcome_flag(r, spec), state=state)
+    result = write_job(where, outcome, extra, flag=lambda r: outcome_flag(r, spec), state=state,
+                       submit=submit)
     act = result["activation"]
     log.info("%s: activation %s -> %s after %d steps; files in %s", result["status"],
              _fmt(result["activation_start"]), _fmt(act), result["steps"], where)

@@ -157,6 +157,12 @@ def check(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     return names
 
 
+def reads_job_files(cfg: Mapping[str, Any]) -> bool:
+    """Whether :func:`job_value` reads the job's image files (an image metric among the
+    ``optimized_metric`` names): they must be written before it is asked."""
+    return any(name != DEFAULT for name in objective_names(cfg))
+
+
 def job_value(cfg: Mapping[str, Any], result: Mapping[str, Any] | None,
               job_dir: str | Path | None = None) -> Value:
     """The task's return value: the job's ``optimized_metric`` value(s).

@@ -8,6 +8,13 @@ memory costs only itself), then writes each job inside a Hydra job run whose tas
 without its per-job deep copies); with ``hydra.launcher.run_job=hydra``, a callback that acts per
 job, or a ``${hydra:...}`` resolver in the config, it is Hydra's own ``run_job``.
 
+Through featsweep's run_job, a job's five files are written by one background thread while the
+next job's Hydra bookkeeping goes on (their five fsyncs are ~2-4 ms of waiting per job); jobs'
+files land in job order, and the batch returns only once all of them are written: a job whose
+files could not be written is failed with that error, as if its task had raised it. Under Hydra's
+own run_job (a callback may read the files when the job ends), and when the job's returned value
+is an image metric (``optimized_metric``), they are written in the job's run.
+
 SIGINT/SIGTERM (:func:`run_here`): the running batch ends at once and its jobs are written as
 ``interrupted`` with their state; batches not started get nothing written; the sweep then ends
 with one line saying how to resume (:func:`raise_if_interrupted`).
@@ -16,6 +23,7 @@ with one line saying how to resume (:func:`raise_if_interrupted`).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -48,19 +56,26 @@ def run_hydra_job(launcher: "BatchedLauncher", job: Job, task: Callable[[DictCon
     return ret
 
 
-def write_job(launcher: "BatchedLauncher", job: Job) -> JobReturn:
-    """Write `job`'s outcome (or error) inside its Hydra job run (module docstring). Through
-    featsweep's run_job the job's logging stays configured afterwards (the next job of the
-    batch reuses it: ``job_run.JobLogging``); :func:`run_batch` gives Hydra's logging back
+def write_job(launcher: "BatchedLauncher", job: Job, files: ThreadPoolExecutor
+              ) -> tuple[JobReturn, "Future[None] | None"]:
+    """Write `job`'s outcome (or error) inside its Hydra job run (module docstring); return its
+    JobReturn and, when the job's files went to the `files` writer, the future of their write.
+    Through featsweep's run_job the job's logging stays configured afterwards (the next job of
+    the batch reuses it: ``job_run.JobLogging``); :func:`run_batch` gives Hydra's logging back
     once its jobs are written."""
     assert launcher.config is not None
     ret = None
+    written: list[Future[None]] = []
     if launcher.run_job == "featsweep" and not job_run.per_job_callbacks(launcher.hydra_context):
-        ret = job_run.run_job(job.config, job_dir(job), writer(job), launcher.yaml_files,
+        def submit(write: Callable[[], None]) -> None:
+            written.append(files.submit(write))
+
+        ret = job_run.run_job(job.config, job_dir(job), writer(job, submit), launcher.yaml_files,
                               launcher.job_logging)
-    if ret is None:  # Hydra's run_job was asked for, or the job needs Hydra's config singleton
-        return run_hydra_job(launcher, job, writer(job))
-    return ret
+        if ret is not None:
+            return ret, written[0] if written else None
+    # Hydra's run_job was asked for, or the job needs Hydra's config singleton
+    return run_hydra_job(launcher, job, writer(job)), None
 
 
 def kept_return(job: Job) -> JobReturn:
@@ -122,16 +137,27 @@ def run_batch(launcher: "BatchedLauncher", jobs: list[Job],
     if ready:
         optimize(ready, should_stop)
     returns = []
+    written: list[tuple[Job, JobReturn, Future[None]]] = []
     try:
-        for job in jobs:
-            if job.role == "companion":
-                returns.append(kept_return(job))
-            else:
-                returns.append(write_job(launcher, job))
-            job.outcome = job.state = None  # written: don't hold images and state for the sweep
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="featsweep-files") as files:
+            for job in jobs:
+                if job.role == "companion":
+                    returns.append(kept_return(job))
+                else:
+                    ret, future = write_job(launcher, job, files)
+                    returns.append(ret)
+                    if future is not None:
+                        written.append((job, ret, future))
+                job.outcome = job.state = None  # handed on: don't hold images for the sweep
+        # (leaving the with block waited for every job's files)
     finally:
         assert launcher.config is not None
         configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    for job, ret, future in written:
+        failure = future.exception()
+        if failure is not None:  # as if the job's task had raised it
+            log.error(f"job #{job.idx}: its files could not be written: {failure!r}")
+            ret.status, ret.return_value, job.status = JobStatus.FAILED, failure, "failed"
     return returns
 
 
@@ -205,10 +231,12 @@ def optimize(batch: list[Job], should_stop: Callable[[], bool] | None = None) ->
         optimize(half, should_stop)
 
 
-def writer(job: Job) -> Callable[..., Any]:
+def writer(job: Job, submit: Callable[[Callable[[], None]], None] | None = None
+           ) -> Callable[..., Any]:
     """The task of `job`'s Hydra run: write its precomputed outcome (or record its error) into
     `where` (``job_run.run_job`` passes it; under Hydra's ``run_job``, the running job's
-    directory)."""
+    directory). `submit`: who writes the outcome's files (``featsweep.artifacts.write_job``);
+    by default, the task itself."""
     from featsweep import search
     from featsweep.jobs import job_dir as running_job_dir
     from featsweep.jobs import write_error, write_outcome
@@ -223,9 +251,11 @@ def writer(job: Job) -> Callable[..., Any]:
             raise job.error
         assert job.outcome is not None
         mates = job.batch or [job]
+        # An image metric as the returned value reads the files: written here, before it.
         result = write_outcome(job.outcome, cfg, job.spec, job.digest,
                                batch=[j.idx for j in mates],
-                               members=[short(j.digest) for j in mates], where=where)
+                               members=[short(j.digest) for j in mates], where=where,
+                               submit=None if search.reads_job_files(cfg) else submit)
         job.status = str(result["status"])
         return task_return(cfg, result, where)
 

@@ -18,6 +18,7 @@ same config fingerprint is not run and not touched (its JobReturn is built witho
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -42,6 +43,19 @@ log = logging.getLogger(__name__)
 
 def launch(launcher: "BatchedLauncher", job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[JobReturn]:
+    """The jobs' JobReturns, in input order (module docstring). The objects made so far (the
+    jobs' configs among them) and those made while planning are kept out of the cycle
+    collector's full passes until the launch ends (see :mod:`.sweep_loader`): they live until
+    then anyway, and walking them again pass after pass cost ~3 ms per job at 1,000 jobs."""
+    gc.freeze()
+    try:
+        return _launch(launcher, job_overrides, initial_job_idx)
+    finally:
+        gc.unfreeze()
+
+
+def _launch(launcher: "BatchedLauncher", job_overrides: Sequence[Sequence[str]],
+            initial_job_idx: int) -> list[JobReturn]:
     setup_globals()
     assert launcher.config is not None and launcher.task_function is not None
     configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
@@ -55,6 +69,7 @@ def launch(launcher: "BatchedLauncher", job_overrides: Sequence[Sequence[str]],
     forget = getattr(launcher.hydra_context.config_loader, "forget", None)
     if forget is not None:  # sweep_loader: configs the sweeper's check composed and no job took
         forget()
+    gc.freeze()  # the jobs' configs
 
     if not getattr(launcher.task_function, "featsweep_batchable", False):
         if launcher.dry_run:
@@ -74,6 +89,7 @@ def launch(launcher: "BatchedLauncher", job_overrides: Sequence[Sequence[str]],
 
 def launch_batched(launcher: "BatchedLauncher", jobs: list[Job]) -> list[JobReturn]:
     batches = prepare(launcher, jobs)
+    gc.freeze()  # the jobs' specs, the model's modules
     todo = sum(1 for b in batches for j in b if j.role != "companion")
     if launcher.dry_run:
         print_plan(launcher, jobs, batches)
