@@ -84,3 +84,23 @@ def test_step_parts_bench_prints_every_row() -> None:
                   "all Adam", "finite check", "blur"):
         assert piece in names, piece
     assert len(rows) == 9
+
+
+def test_launcher_bench_prints_per_job_rows_and_profiles() -> None:
+    """benchmarks/bench_launcher.py at smoke size: a row per sweep size with both per-job
+    figures; --profile prints cProfile's table (the sweep must not end the process first)."""
+    script = str(ROOT / "benchmarks" / "bench_launcher.py")
+    proc = subprocess.run([sys.executable, script, "--n", "1", "3", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert [int(r[0]) for r in rows] == [1, 3]
+    wall_1, cpu_1 = float(rows[0][1]), float(rows[0][3])
+    assert wall_1 > 0 and cpu_1 > 0
+    per_wall, per_cpu = float(rows[1][2]), float(rows[1][4])  # may be < 0: noise at 3 jobs
+    assert math.isfinite(per_wall) and math.isfinite(per_cpu)
+    prof = subprocess.run([sys.executable, script, "--profile", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    assert "function calls" in prof.stdout and "launch" in prof.stdout
