@@ -184,7 +184,7 @@ def job_value(cfg: Mapping[str, Any], result: Mapping[str, Any] | None,
     if DEFAULT in names:
         activation = result.get("activation")
         values[DEFAULT] = math.nan if activation is None else float(activation)
-    if any(name != DEFAULT for name in names):
+    if reads_job_files(cfg):
         if job_dir is None:
             raise ValueError(f"{KEY}={list(names)} needs the job directory for image metrics")
         from featsweep.analysis.jobs import Job

@@ -43,11 +43,10 @@ log = logging.getLogger(__name__)
 
 def launch(launcher: "BatchedLauncher", job_overrides: Sequence[Sequence[str]],
            initial_job_idx: int) -> list[JobReturn]:
-    """The jobs' JobReturns, in input order (module docstring). The objects made so far (the
-    jobs' configs among them) and those made while planning are kept out of the cycle
-    collector's full passes until the launch ends (see :mod:`.sweep_loader`): they live until
-    then anyway, and walking them again pass after pass cost ~3 ms per job at 1,000 jobs."""
-    gc.freeze()
+    """The jobs' JobReturns, in input order (module docstring). The jobs' configs and what
+    planning makes are kept out of the cycle collector's full passes (``gc.freeze`` once each is
+    made; see :mod:`.sweep_loader`) until the launch ends: they live until then anyway, and
+    walking them again pass after pass cost ~3 ms per job at 1,000 jobs."""
     try:
         return _launch(launcher, job_overrides, initial_job_idx)
     finally:
